@@ -1,0 +1,75 @@
+"""Exponential moving average of the autoencoder's weights (the sd-vae-ft recipe exports EMA weights)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+__all__ = ["ModuleEMA"]
+
+
+class ModuleEMA(nn.Module):
+    """Shadow copies of named modules, updated as ``shadow ← shadow + (1 − d)(live − shadow)``.
+
+    The shadows are registered under the same names, so a Lightning module holding this as ``ema`` gets
+    state-dict keys ``ema.decoder.conv_out.weight`` etc. that mirror the live network's keys.
+
+    Args:
+        modules: name → live module to track (e.g. encoder, decoder, quant_conv, post_quant_conv).
+        decay: target decay.
+        warmup: use LDM's ``min(decay, (1 + n) / (10 + n))`` so early updates are not dominated by init.
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Module], decay: float = 0.9999, warmup: bool = True) -> None:
+        super().__init__()
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1), got {decay!r}")
+        self.decay, self.warmup = decay, warmup
+        self.names = list(modules)
+        for name, module in modules.items():
+            self.add_module(name, copy.deepcopy(module).requires_grad_(False))
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+
+    def _pairs(self, modules: Mapping[str, nn.Module]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        shadow, live = [], []
+        for name in self.names:
+            for s, p in zip(getattr(self, name).parameters(), modules[name].parameters(), strict=True):
+                shadow.append(s)
+                live.append(p)
+        return shadow, live
+
+    def current_decay(self) -> float:
+        n = int(self.num_updates)
+        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
+
+    @torch.no_grad()
+    def update(self, modules: Mapping[str, nn.Module]) -> None:
+        decay = self.current_decay()
+        shadow, live = self._pairs(modules)
+        torch._foreach_lerp_(shadow, [p.detach() for p in live], 1.0 - decay)
+        self.num_updates += 1
+
+    @torch.no_grad()
+    def copy_from(self, modules: Mapping[str, nn.Module]) -> None:
+        """Reset the shadows to the live weights (after a warm start)."""
+        shadow, live = self._pairs(modules)
+        torch._foreach_copy_(shadow, live)
+
+    @contextmanager
+    def swapped(self, modules: Mapping[str, nn.Module]) -> Iterator[None]:
+        """Run the live modules with EMA weights inside the block (storage swap: no copies, no memory)."""
+        shadow, live = self._pairs(modules)
+
+        def swap() -> None:
+            for s, p in zip(shadow, live, strict=True):
+                s.data, p.data = p.data, s.data
+
+        swap()
+        try:
+            yield
+        finally:
+            swap()

