@@ -77,6 +77,32 @@ def _resolve(backbone: str) -> Path | None:
     return path
 
 
+def _build_empty_lpips(lpips_pkg):
+    """VGG-LPIPS with its packaged linear heads and an uninitialised trunk.
+
+    Built on the meta device: lpips constructs a whole torchvision VGG16 whose 102M-parameter classifier it
+    then discards, and initialising that costs seconds per construction for nothing.
+    """
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore")  # lpips passes torchvision's deprecated `pretrained=` argument
+        model = lpips_pkg.LPIPS(net="vgg", pretrained=False, pnet_rand=True, verbose=False)
+    model = model.to_empty(device="cpu")
+    model.scaling_layer = lpips_pkg.ScalingLayer()  # its constant buffers did not survive to_empty
+    # The linear heads ship inside the lpips package (no download): LPIPS v0.1 for VGG.
+    heads = Path(lpips_pkg.__file__).parent / "weights" / "v0.1" / "vgg.pth"
+    model.load_state_dict(torch.load(heads, map_location="cpu", weights_only=True), strict=False)
+    return model
+
+
+@torch.no_grad()
+def _init_vgg_trunk(model) -> None:
+    """torchvision's VGG init (Kaiming normal, fan_out) for the explicit random-backbone choice."""
+    for module in model.net.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            torch.nn.init.zeros_(module.bias)
+
+
 def load_lpips(backbone: str = "imagenet"):  # -> lpips.LPIPS (imported lazily: it pulls in torchvision)
     """Build a frozen VGG-LPIPS in eval mode without touching the network.
 
@@ -94,13 +120,10 @@ def load_lpips(backbone: str = "imagenet"):  # -> lpips.LPIPS (imported lazily: 
     import lpips
 
     path = _resolve(backbone)
-    with warnings.catch_warnings():  # lpips calls torchvision's deprecated `pretrained=` argument
-        warnings.simplefilter("ignore")
-        # pnet_rand=True: build the trunk without asking torchvision to download it; the linear heads
-        # (pretrained=True) are read from the file inside the lpips package.
-        model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
+    model = _build_empty_lpips(lpips)
 
     if path is None:
+        _init_vgg_trunk(model)
         log.warning(
             "LPIPS uses a RANDOMLY INITIALISED VGG16 trunk (perceptual_backbone=random). The perceptual loss "
             "then does not measure perceptual similarity: use this for tests and demos only."

@@ -1,0 +1,171 @@
+"""LPIPSWithDiscriminator: every term against its formula, written out independently here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from klvae.modules.distributions import DiagonalGaussianDistribution
+from klvae.modules.losses import LPIPSWithDiscriminator, hinge_d_loss, vanilla_d_loss
+
+B, C, H, W = 2, 3, 32, 32
+
+
+def make_loss(**overrides) -> LPIPSWithDiscriminator:
+    params = dict(disc_start=10, perceptual_weight=0.0, disc_num_layers=2, disc_ndf=8)
+    params.update(overrides)
+    return LPIPSWithDiscriminator(**params)
+
+
+@pytest.fixture
+def batch():
+    torch.manual_seed(0)
+    x = torch.rand(B, C, H, W) * 2 - 1
+    x_hat = (x + 0.3 * torch.randn_like(x)).requires_grad_(True)
+    posterior = DiagonalGaussianDistribution(torch.randn(B, 8, 4, 4))
+    return x, x_hat, posterior
+
+
+@pytest.mark.parametrize("pixel_loss", ["l1", "l2"])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_pixel_and_kl_terms_match_formula(batch, pixel_loss, reduction):
+    x, x_hat, posterior = batch
+    loss_fn = make_loss(pixel_loss=pixel_loss, reduction=reduction, kl_weight=1e-3)
+    loss, logs = loss_fn.generator_loss(x, x_hat, posterior, iteration=0)
+
+    per_pixel = (x_hat - x).abs() if pixel_loss == "l1" else (x_hat - x) ** 2
+    nll = per_pixel.sum() / B if reduction == "sum" else per_pixel.mean()
+    kl = torch.stack([posterior.kl()[b] for b in range(B)]).mean()
+    torch.testing.assert_close(loss, nll + 1e-3 * kl)
+    torch.testing.assert_close(logs["train/nll_loss"], nll.detach())
+    torch.testing.assert_close(logs["train/kl_loss"], kl.detach())
+    torch.testing.assert_close(logs["train/rec_loss"], per_pixel.mean().detach())
+
+
+def test_sum_reduction_is_chw_times_mean_reduction(batch):
+    x, x_hat, posterior = batch
+    s, _ = make_loss(reduction="sum", kl_weight=0.0).generator_loss(x, x_hat, posterior, 0)
+    m, _ = make_loss(reduction="mean", kl_weight=0.0).generator_loss(x, x_hat, posterior, 0)
+    torch.testing.assert_close(s, m * C * H * W)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_perceptual_term_is_lpips_broadcast_per_pixel(batch, reduction):
+    x, x_hat, posterior = batch
+    loss_fn = make_loss(
+        perceptual_weight=0.5, perceptual_backbone="random", reduction=reduction, kl_weight=0.0, pixel_loss="l2"
+    )
+    loss, logs = loss_fn.generator_loss(x, x_hat, posterior, 0)
+    p = loss_fn.perceptual_loss(x, x_hat).flatten()  # (B,) LPIPS distances
+    per_pixel = (x_hat - x) ** 2
+    if reduction == "sum":
+        expected = per_pixel.sum() / B + 0.5 * C * H * W * p.mean()
+    else:
+        expected = per_pixel.mean() + 0.5 * p.mean()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(logs["train/p_loss"], p.mean().detach())
+    loss.backward()
+    assert x_hat.grad is not None and x_hat.grad.abs().sum() > 0  # gradients reach x̂ through LPIPS
+
+
+def test_logvar_scales_nll_like_ldm(batch):
+    x, x_hat, posterior = batch
+    loss_fn = make_loss(logvar_init=0.5, kl_weight=0.0)
+    loss, logs = loss_fn.generator_loss(x, x_hat, posterior, 0)
+    per_pixel = (x_hat - x).abs()
+    expected = (per_pixel / torch.exp(torch.tensor(0.5)) + 0.5).sum() / B
+    torch.testing.assert_close(loss, expected)
+    assert logs["train/logvar"] == pytest.approx(0.5)
+    assert not loss_fn.logvar.requires_grad
+    assert make_loss(learn_logvar=True).logvar.requires_grad
+
+
+def test_gan_terms_exactly_zero_before_disc_start_and_discriminator_not_run(batch):
+    x, x_hat, posterior = batch
+    loss_fn = make_loss(disc_start=5)
+    calls = []
+    loss_fn.discriminator.register_forward_hook(lambda *_: calls.append(1))
+    loss, logs = loss_fn.generator_loss(x, x_hat, posterior, 4, last_layer=torch.ones(1, requires_grad=True))
+    assert calls == []
+    assert logs["train/g_loss"].item() == 0.0
+    assert logs["train/d_weight"].item() == 0.0
+    assert logs["train/disc_factor"].item() == 0.0
+    d_loss, d_logs = loss_fn.discriminator_loss(x, x_hat, 4)
+    assert d_loss.item() == 0.0
+
+
+def test_adaptive_weight_and_generator_loss_after_disc_start():
+    torch.manual_seed(0)
+    loss_fn = make_loss(disc_start=3, disc_weight=0.7, kl_weight=0.0)
+    # a stand-in "decoder": its last layer is a 3×3 conv whose weight W is what λ differentiates against.
+    features = torch.randn(B, 4, H, W)
+    last_layer = torch.randn(3, 4, 3, 3, requires_grad=True)
+    x = torch.rand(B, C, H, W) * 2 - 1
+    posterior = DiagonalGaussianDistribution(torch.zeros(B, 8, 4, 4))
+
+    x_hat = F.conv2d(features, last_layer, padding=1)
+    loss, logs = loss_fn.generator_loss(x, x_hat, posterior, 3, last_layer=last_layer)
+
+    # by hand, on a fresh graph
+    x_hat2 = F.conv2d(features, last_layer, padding=1)
+    nll = (x_hat2 - x).abs().sum() / B
+    g = -loss_fn.discriminator(x_hat2).mean()
+    grad_nll = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
+    grad_g = torch.autograd.grad(g, last_layer, retain_graph=True)[0]
+    lam = torch.clamp(grad_nll.norm() / (grad_g.norm() + 1e-4), 0, 1e4) * 0.7
+    torch.testing.assert_close(logs["train/d_weight"], lam.detach())
+    torch.testing.assert_close(logs["train/g_loss"], g.detach())
+    torch.testing.assert_close(loss, nll + lam.detach() * 1.0 * g)
+    assert logs["train/disc_factor"].item() == 1.0
+
+
+def test_validation_uses_zero_adaptive_weight(batch):
+    x, x_hat, posterior = batch
+    loss_fn = make_loss(disc_start=0).eval()
+    with torch.no_grad():
+        _, logs = loss_fn.generator_loss(x, x_hat, posterior, 10, last_layer=None, split="val")
+    assert logs["val/d_weight"].item() == 0.0
+    assert logs["val/g_loss"].item() != 0.0
+
+
+def test_hinge_and_vanilla_match_formulas():
+    real, fake = torch.randn(4, 1, 5, 5), torch.randn(4, 1, 5, 5)
+    hinge = 0.5 * (torch.clamp(1 - real, min=0).mean() + torch.clamp(1 + fake, min=0).mean())
+    vanilla = 0.5 * (torch.log1p(torch.exp(-real)).mean() + torch.log1p(torch.exp(fake)).mean())
+    torch.testing.assert_close(hinge_d_loss(real, fake), hinge)
+    torch.testing.assert_close(vanilla_d_loss(real, fake), vanilla)
+
+
+@pytest.mark.parametrize("kind", ["hinge", "vanilla"])
+def test_discriminator_loss_uses_real_and_detached_fake(batch, kind):
+    x, x_hat, _ = batch
+    loss_fn = make_loss(disc_start=0, disc_loss=kind, disc_factor=0.8)
+    d_loss, logs = loss_fn.discriminator_loss(x, x_hat, 0)
+    real, fake = loss_fn.discriminator(x), loss_fn.discriminator(x_hat.detach())
+    expected = 0.8 * (hinge_d_loss if kind == "hinge" else vanilla_d_loss)(real, fake)
+    torch.testing.assert_close(d_loss, expected)
+    torch.testing.assert_close(logs["train/logits_real"], real.mean().detach())
+    d_loss.backward()
+    assert x_hat.grad is None  # no gradient leaks into the autoencoder
+    assert loss_fn.discriminator.main[0].weight.grad is not None
+
+
+def test_lpips_is_frozen_and_stays_in_eval_mode():
+    loss_fn = make_loss(perceptual_weight=1.0, perceptual_backbone="random")
+    loss_fn.train()
+    assert loss_fn.discriminator.training
+    assert not loss_fn.perceptual_loss.training
+    assert all(not m.training for m in loss_fn.perceptual_loss.modules())
+    assert all(not p.requires_grad for p in loss_fn.perceptual_loss.parameters())
+    x, y = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
+    assert torch.equal(loss_fn.perceptual_loss(x, y), loss_fn.perceptual_loss(x, y))  # no dropout
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("pixel_loss", "l3"), ("reduction", "avg"), ("disc_loss", "wgan"), ("disc_start", -1), ("kl_weight", -1.0)],
+)
+def test_invalid_loss_option_raises_naming_it(key, value):
+    with pytest.raises(ValueError, match=key):
+        make_loss(**{key: value})
