@@ -1,0 +1,126 @@
+"""Counting skipped samples, and getting the counts from loader workers to the logger.
+
+Bad samples are counted where they happen: inside DataLoader worker processes, whose memory the main
+process never sees. The mechanism chosen here: every batch a worker emits carries the counts accumulated
+since that worker's previous batch, as ``batch["_skipped"] = {kind: int}``. The counts thus travel the
+same queue as the data (no shared memory, no extra processes, correct with any number of workers and
+with persistent workers), and ``DataStatsCallback`` pops the key in ``on_*_batch_start`` -- before the
+model's step sees the batch -- and logs ``data/skipped_<kind>`` (summed over the epoch and over ranks).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import pytorch_lightning as pl
+
+__all__ = ["SKIPPED_KEY", "SKIP_KINDS", "DataStatsCallback", "SkipCounter", "pop_skipped"]
+
+logger = logging.getLogger(__name__)
+
+SKIPPED_KEY = "_skipped"
+# corrupt_image: the image bytes do not decode (corrupt, truncated, unsupported);
+# missing_image: a sample with no jpg/jpeg/png/webp member;
+# too_small: shorter side below min_size (a filter, counted so a bad min_size is visible);
+# read_error: a shard that cannot be opened or a tar stream that breaks off (truncated tar).
+SKIP_KINDS: tuple[str, ...] = ("corrupt_image", "missing_image", "too_small", "read_error")
+
+_WARN_FIRST = 5  # per kind and worker: enough to diagnose, not enough to flood a 16-GPU run's logs
+
+
+class SkipCounter:
+    """Per-worker counts of skipped samples by kind, with the delta since the last ``take``."""
+
+    def __init__(self) -> None:
+        self.total = dict.fromkeys(SKIP_KINDS, 0)
+        self._pending = dict.fromkeys(SKIP_KINDS, 0)
+
+    def add(self, kind: str, detail: str = "") -> None:
+        """Count one skipped sample of ``kind`` (one of ``SKIP_KINDS``); warn for the first few."""
+        assert kind in self.total, kind
+        self.total[kind] += 1
+        self._pending[kind] += 1
+        if self.total[kind] <= _WARN_FIRST:
+            logger.warning("skipping sample (%s): %s", kind, detail[:300])
+            if self.total[kind] == _WARN_FIRST:
+                logger.warning("further '%s' skips are counted (data/skipped_%s) but not logged", kind, kind)
+
+    def handler(self, kind: str) -> Callable[[Exception], bool]:
+        """A webdataset exception handler that counts the exception as ``kind`` and continues."""
+
+        def handle(exn: Exception) -> bool:
+            self.add(kind, repr(exn))
+            return True
+
+        return handle
+
+    def take(self) -> dict[str, int]:
+        """Return the counts since the previous call and reset them."""
+        pending, self._pending = self._pending, dict.fromkeys(SKIP_KINDS, 0)
+        return pending
+
+
+def pop_skipped(batch: Any) -> dict[str, int]:
+    """Remove and return ``batch["_skipped"]`` (ints or 0-d tensors) as plain ints; {} if absent."""
+    if not isinstance(batch, dict) or SKIPPED_KEY not in batch:
+        return {}
+    counts = batch.pop(SKIPPED_KEY)
+    return {k: int(v) for k, v in counts.items()}
+
+
+class DataStatsCallback(pl.Callback):
+    """Log the loaders' skipped-sample counts as ``data/skipped_<kind>`` (train) and
+    ``data/val_skipped_<kind>`` (validation): sums per epoch over all ranks, and the running total of this
+    rank as ``data/skipped_total`` per step. Also strips ``_skipped`` from the batch before the model's step.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = dict.fromkeys(SKIP_KINDS, 0)
+
+    def _log(
+        self, pl_module: pl.LightningModule, prefix: str, counts: dict[str, int], batch_size: int
+    ) -> None:
+        for kind in SKIP_KINDS:
+            value = counts.get(kind, 0)
+            # reduce_fx="sum" + sync_dist: the epoch value is the total over steps and ranks; the sync
+            # happens once at epoch end, not per step.
+            pl_module.log(
+                f"data/{prefix}skipped_{kind}",
+                float(value),
+                on_step=False,
+                on_epoch=True,
+                reduce_fx="sum",
+                sync_dist=True,
+                batch_size=batch_size,
+            )
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        counts = pop_skipped(batch)
+        for kind, value in counts.items():
+            self.total[kind] = self.total.get(kind, 0) + value
+        self._log(pl_module, "", counts, _batch_size(batch))
+        pl_module.log("data/skipped_total", float(sum(self.total.values())), on_step=True, on_epoch=False)
+
+    def on_validation_batch_start(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._log(pl_module, "val_", pop_skipped(batch), _batch_size(batch))
+
+
+def _batch_size(batch: Any) -> int:
+    """Lightning cannot infer a batch size from our dict (lists of keys inside); give it explicitly."""
+    if isinstance(batch, dict):
+        for value in batch.values():
+            if hasattr(value, "shape") and len(value.shape) == 4:
+                return int(value.shape[0])
+    return 1

@@ -1,0 +1,196 @@
+"""The per-worker webdataset pipelines, as IterableDatasets yielding ready batches.
+
+Training (``TrainStream``): each (rank, worker) loops forever over its own shards of every source, in a
+fresh random order each pass (resampling without replacement), mixes sources by weight, shuffles through a
+buffer, decodes, batches, and stops after a fixed number of batches: every rank yields exactly
+``len(stream)`` batches per epoch whatever the shard sizes, so DDP never waits on a rank that ran dry.
+
+Validation (``ValStream``): the shards once, in order, no shuffle, center crops: deterministic.
+
+Batches: ``{image_key: float32 (B, 3, size, size) in [-1, 1], "__key__": [str] * B,
+"_skipped": {kind: int}}`` (see ``klvae.data.stats``).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+
+import webdataset as wds
+from torch.utils.data import IterableDataset
+from webdataset.tariterators import tarfile_samples
+
+from klvae.data.sharding import ShardAssignment, assign_shards, worker_info
+from klvae.data.stats import SKIPPED_KEY, SkipCounter
+from klvae.data.transforms import ImageTooSmallError, ImageTransform, find_image_key, to_model_batch
+
+__all__ = ["TrainStream", "ValStream", "worker_rng"]
+
+
+def worker_rng(seed: int, rank: int, worker: int, epoch: int) -> random.Random:
+    """A generator distinct for every (seed, rank, worker, epoch): no two workers repeat a crop sequence."""
+    return random.Random(f"klvae/{seed}/{rank}/{worker}/{epoch}")
+
+
+def read_shard(url: str, assignment: ShardAssignment, counter: SkipCounter) -> Iterator[dict]:
+    """Samples of one shard kept by ``assignment``; unreadable shards and broken tar streams are counted
+    as ``read_error`` and end that shard, never the run."""
+    samples = tarfile_samples([{"url": url}], handler=counter.handler("read_error"))
+    for index, sample in enumerate(samples):
+        if index % assignment.stride == assignment.offset:
+            yield sample
+
+
+def decode_sample(
+    sample: dict, transform: ImageTransform, rng: random.Random, counter: SkipCounter
+) -> tuple[str, object] | None:
+    """(key, uint8 (size, size, 3) crop) or None after counting why the sample was skipped."""
+    image_key = find_image_key(sample)
+    where = f"{sample.get('__url__')}:{sample.get('__key__')}"
+    if image_key is None:
+        counter.add(
+            "missing_image", f"{where} has members {sorted(k for k in sample if not k.startswith('__'))}"
+        )
+        return None
+    try:
+        return sample["__key__"], transform(sample[image_key], rng)
+    except ImageTooSmallError as exn:
+        counter.add("too_small", f"{where}: {exn}")
+    except Exception as exn:  # any decoder failure is a bad sample, never a crashed run
+        counter.add("corrupt_image", f"{where}: {exn!r}")
+    return None
+
+
+def _make_batch(items: list, image_key: str, counter: SkipCounter) -> dict:
+    keys, images = zip(*items)
+    return {image_key: to_model_batch(images), "__key__": list(keys), SKIPPED_KEY: counter.take()}
+
+
+class _RankedStream(IterableDataset):
+    """Common state: the rank/world size captured in the main process, and an epoch counter."""
+
+    def __init__(self, rank: int, world_size: int, seed: int) -> None:
+        super().__init__()
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        # Set from the main process before each epoch's workers start (see WebDataModule); with persistent
+        # workers the copies inside the workers count on from there.
+        self.epoch = 0
+
+
+class TrainStream(_RankedStream):
+    """Endless, weighted mix of sources cut into ``batches_per_rank`` batches per epoch.
+
+    Args:
+        sources: One URL list per source.
+        weights: Mixing weight per source (normalised).
+        transform: The train transform.
+        batch_size: Samples per batch.
+        batches_per_rank: Batches this rank yields per epoch (summed over its workers).
+        shuffle_buffer: Samples held for shuffling (0 disables).
+        image_key, rank, world_size, seed: see ``WebDataModule``.
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[Sequence[str]],
+        weights: Sequence[float],
+        transform: ImageTransform,
+        batch_size: int,
+        batches_per_rank: int,
+        shuffle_buffer: int,
+        image_key: str,
+        rank: int,
+        world_size: int,
+        seed: int,
+    ) -> None:
+        super().__init__(rank, world_size, seed)
+        self.sources = [list(s) for s in sources]
+        self.weights = list(weights)
+        self.transform = transform
+        self.batch_size = batch_size
+        self.batches_per_rank = batches_per_rank
+        self.shuffle_buffer = shuffle_buffer
+        self.image_key = image_key
+
+    def __len__(self) -> int:
+        return self.batches_per_rank
+
+    def _endless(self, urls: list[str], rng: random.Random, counter: SkipCounter) -> Iterator[dict]:
+        worker, num_workers = worker_info()
+        assignment = assign_shards(urls, self.rank, self.world_size, worker, num_workers)
+        while True:
+            order = list(assignment.urls)
+            rng.shuffle(order)
+            produced = 0
+            for url in order:
+                for sample in read_shard(url, assignment, counter):
+                    produced += 1
+                    yield sample
+            if produced == 0:  # looping on would hang the run silently
+                raise RuntimeError(f"no readable samples in any of the shards {order[:3]}... of this worker")
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, num_workers = worker_info()
+        rng = worker_rng(self.seed, self.rank, worker, self.epoch)
+        self.epoch += 1  # persistent workers: the next epoch draws a new order and new crops
+        counter = SkipCounter()
+        streams = [self._endless(urls, rng, counter) for urls in self.sources]
+        indices = range(len(streams))
+
+        def mixed() -> Iterator[dict]:
+            while True:
+                yield next(streams[rng.choices(indices, weights=self.weights)[0]])
+
+        samples: Iterator[dict] = mixed()
+        if self.shuffle_buffer > 1:
+            initial = min(self.shuffle_buffer, 100)
+            samples = iter(wds.filters.shuffle(self.shuffle_buffer, initial, rng=rng)(samples))
+        # This worker's share of the rank's batches (the DataLoader interleaves workers round-robin).
+        quota = self.batches_per_rank // num_workers + (worker < self.batches_per_rank % num_workers)
+        items: list = []
+        while quota > 0:
+            item = decode_sample(next(samples), self.transform, rng, counter)
+            if item is None:
+                continue
+            items.append(item)
+            if len(items) == self.batch_size:
+                yield _make_batch(items, self.image_key, counter)
+                items, quota = [], quota - 1
+
+
+class ValStream(_RankedStream):
+    """The validation shards once, in order, split over ranks and workers; last batch may be partial."""
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        transform: ImageTransform,
+        batch_size: int,
+        image_key: str,
+        rank: int,
+        world_size: int,
+        seed: int,
+    ) -> None:
+        super().__init__(rank, world_size, seed)
+        self.urls = list(urls)
+        self.transform = transform
+        self.batch_size = batch_size
+        self.image_key = image_key
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, num_workers = worker_info()
+        assignment = assign_shards(self.urls, self.rank, self.world_size, worker, num_workers)
+        rng = worker_rng(self.seed, self.rank, worker, 0)  # unused by center crops; kept for the signature
+        counter = SkipCounter()
+        items: list = []
+        for url in assignment.urls:
+            for sample in read_shard(url, assignment, counter):
+                item = decode_sample(sample, self.transform, rng, counter)
+                if item is None:
+                    continue
+                items.append(item)
+                if len(items) == self.batch_size:
+                    yield _make_batch(items, self.image_key, counter)
+                    items = []
+        if items:
+            yield _make_batch(items, self.image_key, counter)

@@ -1,0 +1,161 @@
+"""Image decoding and the train/validation transform: bytes -> (size, size, 3) uint8 -> float [-1, 1] BCHW.
+
+One code path serves webdataset shards, image folders and the loader benchmark, so the model sees
+the same pixels whichever source fed it. Speed matters (a 16-GPU run needs ~100 img/s per GPU), hence:
+JPEG DCT-domain downscaling (``Image.draft``) before resizing, a single ``resize`` call that only
+touches the crop region (``box=``), and a single uint8 -> float conversion per batch.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ImageTooSmallError",
+    "ImageTransform",
+    "find_image_key",
+    "to_model_batch",
+    "to_rgb",
+]
+
+# Sample keys (tar member extensions) that hold an image, in lookup order. img2dataset writes "jpg".
+IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+
+
+class ImageTooSmallError(ValueError):
+    """The image's shorter side is below ``min_size``; the sample is filtered out (and counted)."""
+
+
+def find_image_key(sample: dict) -> str | None:
+    """Return the first key of ``sample`` that holds an image (``IMAGE_EXTENSIONS`` order), or None."""
+    for key in IMAGE_EXTENSIONS:
+        if key in sample:
+            return key
+    return None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB with transparent areas composited onto white (dropping alpha would expose arbitrary colours)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit greyscale PNGs: PIL's convert("RGB") would clip instead of rescaling.
+        arr = np.asarray(img, dtype=np.float32)
+        arr = np.clip(arr / max(float(arr.max()), 1.0) * 255.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    return img.convert("RGB")
+
+
+class ImageTransform:
+    """Decode an encoded image and produce one training (or validation) crop.
+
+    Pipeline: decode (JPEG: DCT-domain downscale to >= the target) -> RGB -> resize so the shorter side is
+    ``resize_to`` (or ``size``) -> random crop (train) or center crop (validation) of ``size``² ->
+    optional horizontal flip (train only).
+
+    Args:
+        size: Output side length (the crop), e.g. 256.
+        resize_to: Shorter side before cropping, e.g. 384 for LDM's OpenImages recipe; None means ``size``.
+        min_size: Images whose *original* shorter side is below this raise ``ImageTooSmallError``.
+        random_flip: Horizontal flip with probability 0.5 (train only).
+        train: Random crop and flip if True; center crop and no flip otherwise (deterministic).
+    """
+
+    def __init__(
+        self,
+        size: int,
+        resize_to: int | None = None,
+        min_size: int = 0,
+        random_flip: bool = False,
+        train: bool = True,
+    ) -> None:
+        if not isinstance(size, int) or size <= 0:
+            raise ValueError(f"size must be a positive int, got {size!r}")
+        if resize_to is not None and (not isinstance(resize_to, int) or resize_to < size):
+            raise ValueError(f"resize_to must be None or an int >= size ({size}), got {resize_to!r}")
+        if not isinstance(min_size, int) or min_size < 0:
+            raise ValueError(f"min_size must be an int >= 0, got {min_size!r}")
+        self.size = size
+        self.resize_to = resize_to if resize_to is not None else size
+        self.min_size = min_size
+        self.random_flip = random_flip
+        self.train = train
+
+    def __call__(self, data: bytes, rng: random.Random) -> np.ndarray:
+        """Transform encoded image bytes.
+
+        Args:
+            data: The encoded file (JPEG, PNG, WebP, ...).
+            rng: The worker's random generator (crop offset and flip).
+
+        Returns:
+            uint8 array (size, size, 3), RGB.
+
+        Raises:
+            ImageTooSmallError: The shorter side is below ``min_size``.
+            Exception: Whatever PIL raises for corrupt or truncated files (the caller counts and skips).
+        """
+        img = Image.open(io.BytesIO(data))
+        width, height = img.size
+        if min(width, height) < self.min_size:
+            raise ImageTooSmallError(f"image {width}x{height} is below min_size {self.min_size}")
+        target = self.resize_to
+        if img.format == "JPEG":
+            # Decode at 1/2, 1/4 or 1/8 scale straight from the DCT coefficients while both sides stay
+            # >= target: the largest single speed-up of this loader (a 2x downscale is ~3x faster).
+            img.draft("RGB", (target, target))
+        img = to_rgb(img)  # forces the decode; a truncated file raises here
+        return self._resize_crop_flip(img, rng)
+
+    def _resize_crop_flip(self, img: Image.Image, rng: random.Random) -> np.ndarray:
+        width, height = img.size
+        scale = self.resize_to / min(width, height)
+        # Resized frame: the shorter side is exactly resize_to.
+        new_w = self.resize_to if width <= height else max(self.resize_to, round(width * scale))
+        new_h = self.resize_to if height < width else max(self.resize_to, round(height * scale))
+        if self.train:
+            left = rng.randint(0, new_w - self.size)
+            top = rng.randint(0, new_h - self.size)
+        else:
+            left = (new_w - self.size) // 2
+            top = (new_h - self.size) // 2
+        if (new_w, new_h) == (width, height):  # e.g. a 512 JPEG drafted to 256 for size 256: crop only
+            arr = np.asarray(img, dtype=np.uint8)[top : top + self.size, left : left + self.size]
+        else:
+            # Resize only the crop window: box is in source pixels, so the output equals resize-then-crop.
+            sx, sy = width / new_w, height / new_h
+            box = (left * sx, top * sy, (left + self.size) * sx, (top + self.size) * sy)
+            out = img.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
+            arr = np.asarray(out, dtype=np.uint8)  # (size, size, 3)
+        if self.train and self.random_flip and rng.random() < 0.5:
+            arr = arr[:, ::-1]
+        return arr
+
+
+def to_model_batch(images: Sequence[np.ndarray]) -> torch.Tensor:
+    """Stack uint8 HWC crops into the model's input.
+
+    Args:
+        images: B arrays (H, W, 3) uint8.
+
+    Returns:
+        float32 (B, 3, H, W) in [-1, 1].
+    """
+    # numpy: one uint8 transpose copy, one float cast, two in-place passes; measured ~3x faster than the
+    # same steps in torch on the loader workers' single thread.
+    chw = np.ascontiguousarray(np.stack(images).transpose(0, 3, 1, 2))  # (B, 3, H, W) uint8
+    out = chw.astype(np.float32)
+    out *= 1.0 / 127.5
+    out -= 1.0
+    return torch.from_numpy(out)
