@@ -1,0 +1,156 @@
+"""``klvae-latent-stats``: the latent scale factor (1/std) and shift (mean) a diffusion model needs.
+
+A diffusion model trained on this VAE's latents expects them near unit variance: SD uses
+``z · 0.18215`` for its VAE; a new VAE needs its own factor (pitfall 9). As LDM's ``scale_by_std`` does,
+the default statistic is over posterior *samples* (what ``encode_first_stage`` returns during diffusion
+training), all channels and positions pooled.
+
+Usage::
+
+    klvae-latent-stats logs/run/checkpoints/last.ckpt --data /data/val --resolution 256 --out stats.json
+    klvae-export logs/run/checkpoints/last.ckpt --format diffusers --out my-vae --latent-stats stats.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["LatentStats", "compute_latent_stats", "main"]
+
+log = logging.getLogger(__name__)
+
+
+class LatentStats:
+    """Streaming mean/std of latents (B, C, h, w), overall and per channel, in float64 (Chan's merge)."""
+
+    def __init__(self) -> None:
+        self.n = 0  # values per channel
+        self.mean: torch.Tensor | None = None  # (C,)
+        self.m2: torch.Tensor | None = None  # (C,) sum of squared deviations
+
+    def update(self, z: torch.Tensor) -> None:
+        """Add a batch of latents (B, C, h, w)."""
+        values = z.detach().double().transpose(0, 1).reshape(z.shape[1], -1).cpu()  # (C, B·h·w)
+        n_b = values.shape[1]
+        mean_b = values.mean(1)
+        m2_b = ((values - mean_b[:, None]) ** 2).sum(1)
+        if self.mean is None:
+            self.n, self.mean, self.m2 = n_b, mean_b, m2_b
+            return
+        total = self.n + n_b
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * n_b / total
+        self.m2 = self.m2 + m2_b + delta**2 * self.n * n_b / total
+        self.n = total
+
+    def result(self) -> dict[str, Any]:
+        """``scaling_factor`` (1/std over all values), ``shift_factor`` (mean), and per-channel stats."""
+        if self.mean is None or self.n < 2:
+            raise ValueError("latent statistics need at least two latent values; no images were encoded")
+        channels = self.mean.shape[0]
+        mean = float(self.mean.mean())  # channels hold equal counts, so this is the overall mean
+        # Overall variance = within-channel + between-channel parts.
+        var = float((self.m2.sum() + self.n * ((self.mean - mean) ** 2).sum()) / (channels * self.n - 1))
+        std = math.sqrt(var)
+        return {
+            "scaling_factor": 1.0 / std,
+            "shift_factor": mean,
+            "std": std,
+            "mean": mean,
+            "per_channel_mean": self.mean.tolist(),
+            "per_channel_std": (self.m2 / (self.n - 1)).sqrt().tolist(),
+            "num_values": channels * self.n,
+        }
+
+
+@torch.inference_mode()
+def compute_latent_stats(
+    vae,  # klvae.inference.InferenceVAE
+    batches: Iterable[torch.Tensor],
+    sample: bool = True,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Encode every batch (B, 3, H, W) in [-1, 1] and return :meth:`LatentStats.result` plus ``num_images``.
+
+    Args:
+        vae: an :class:`klvae.inference.InferenceVAE` (already on ``device``).
+        batches: image batches.
+        sample: statistics of posterior samples (LDM's convention) rather than of the posterior means.
+        device: where images are encoded.
+        seed: RNG seed for the samples.
+    """
+    stats = LatentStats()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    images = 0
+    for x in batches:
+        stats.update(vae.encode(x.to(device), sample=sample, generator=generator))
+        images += x.shape[0]
+    return {
+        **stats.result(),
+        "num_images": images,
+        "statistic": "posterior samples" if sample else "posterior means",
+    }
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="klvae-latent-stats", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "checkpoint", help="any format klvae loads (run checkpoint, LDM/SD .ckpt, diffusers folder ...)"
+    )
+    p.add_argument("--data", required=True, help="image folder or webdataset shards")
+    p.add_argument("--resolution", type=int, default=256, help="center-crop side (default 256)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--limit", type=int, default=None, help="use at most this many images")
+    p.add_argument("--mode", action="store_true", help="use posterior means instead of samples")
+    p.add_argument("--no-ema", action="store_true", help="use live weights of a run checkpoint")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the JSON here (default: print only)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    from klvae.eval_data import image_batches
+    from klvae.inference import InferenceVAE
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = _parser().parse_args(argv)
+    vae = InferenceVAE.from_pretrained(
+        args.checkpoint, use_ema=False if args.no_ema else None, device=args.device
+    )
+    batches, _ = image_batches(args.data, args.resolution, args.batch_size, args.num_workers)
+
+    def limited() -> Iterable[torch.Tensor]:
+        seen = 0
+        for x, _keys in batches:
+            if args.limit is not None and seen >= args.limit:
+                return
+            x = x[: args.limit - seen] if args.limit is not None else x
+            seen += x.shape[0]
+            yield x
+
+    result = compute_latent_stats(vae, limited(), sample=not args.mode, device=args.device)
+    result.update(checkpoint=str(args.checkpoint), data=args.data, resolution=args.resolution)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    log.info(
+        "latents of %d images: mean %.5f, std %.5f -> scaling_factor %.5f, shift_factor %.5f%s",
+        result["num_images"], result["mean"], result["std"], result["scaling_factor"], result["shift_factor"],
+        f" (written to {args.out})" if args.out else "",
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Latent scale/shift statistics: streaming accuracy on known distributions and the CLI end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from klvae.inference import InferenceVAE
+from klvae.latent_stats import LatentStats, compute_latent_stats, main
+from klvae.modules.vae import KLAutoencoder
+
+TINY_F2 = dict(
+    double_z=True, z_channels=4, resolution=32, in_channels=3, out_ch=3, ch=8, ch_mult=[1, 2],
+    num_res_blocks=1, attn_resolutions=[], dropout=0.0, norm_num_groups=4,
+)  # fmt: skip
+
+
+def test_known_gaussian_gives_scale_and_shift() -> None:
+    stats = LatentStats()
+    for _ in range(10):
+        stats.update(0.5 + 2.0 * torch.randn(8, 4, 16, 16))
+    result = stats.result()
+    assert abs(result["scaling_factor"] - 0.5) < 0.01 and abs(result["shift_factor"] - 0.5) < 0.02
+    assert result["num_values"] == 10 * 8 * 4 * 16 * 16
+
+
+def test_streaming_equals_one_shot_with_channel_offsets() -> None:
+    offsets = torch.tensor([0.0, 1.0, -2.0, 3.0]).reshape(1, 4, 1, 1)
+    chunks = [torch.randn(n, 4, 5, 3) * (1 + i) + offsets for i, n in enumerate((1, 7, 3))]
+    stats = LatentStats()
+    for c in chunks:
+        stats.update(c)
+    result = stats.result()
+    flat = torch.cat(chunks).double()
+    assert abs(result["std"] - flat.std().item()) < 1e-10 and abs(result["mean"] - flat.mean().item()) < 1e-12
+    per_channel = flat.transpose(0, 1).reshape(4, -1)
+    np.testing.assert_allclose(result["per_channel_mean"], per_channel.mean(1).numpy(), atol=1e-12)
+    np.testing.assert_allclose(result["per_channel_std"], per_channel.std(1).numpy(), atol=1e-10)
+    with pytest.raises(ValueError, match="no images"):
+        LatentStats().result()
+
+
+def test_cli_on_an_image_folder(tmp_path) -> None:
+    model = KLAutoencoder(TINY_F2, 4)
+    torch.save(model.state_dict(), tmp_path / "vae.pth")
+    (tmp_path / "imgs").mkdir()
+    rng = np.random.default_rng(0)
+    images = []
+    for i in range(5):
+        arr = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(tmp_path / "imgs" / f"{i}.png")
+    # --mode: statistics of posterior means, so the result is deterministic and checkable.
+    ddconfig_file = tmp_path / "vae.safetensors"
+    from klvae.export import export_ldm
+    from klvae.loading import read_vae_weights
+
+    export_ldm(read_vae_weights(tmp_path / "vae.pth", ddconfig=TINY_F2), ddconfig_file)
+    main(
+        [
+            str(ddconfig_file),
+            "--data",
+            str(tmp_path / "imgs"),
+            "--resolution",
+            "32",
+            "--batch-size",
+            "2",
+            "--mode",
+            "--out",
+            str(tmp_path / "s.json"),
+        ]
+    )
+    result = json.loads((tmp_path / "s.json").read_text())
+    assert result["num_images"] == 5 and result["statistic"] == "posterior means"
+    from klvae.eval_data import image_batches
+
+    batches, total = image_batches(str(tmp_path / "imgs"), 32, 5)
+    x, _ = next(batches)
+    images = x
+    z = InferenceVAE(model).encode(images)
+    assert total == 5 and abs(result["scaling_factor"] - 1 / z.double().std().item()) < 1e-6
+    direct = compute_latent_stats(InferenceVAE(model), [images], sample=True)
+    assert direct["std"] > result["std"]  # samples add the posterior variance
