@@ -18,6 +18,8 @@ import torch
 
 from klvae.ema import ModuleEMA
 from klvae.modules.vae import KLCodec, build_codec_modules
+from klvae.perf.apply import apply_runtime_optimizations, make_adam
+from klvae.perf.options import parse_optimizations
 from klvae.state_dict import NETWORK_PREFIXES, read_state_dict, select_first_stage
 from klvae.util import instantiate_from_config, to_container
 
@@ -52,6 +54,9 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
         ignore_keys: key prefixes to drop from ``ckpt_path`` (e.g. ``["loss.discriminator"]``).
         image_key: batch key of the images, (B, 3, H, W) float in [-1, 1].
         monitor: metric for best-checkpoint selection.
+        optimizations: speed/memory switches (torch.compile, fused Adam, channels_last, LPIPS target
+            without autograd, gradient checkpointing, cudnn.benchmark); keys and defaults in
+            :class:`klvae.perf.options.Optimizations`, an unknown key is a ``ValueError``.
     """
 
     def __init__(
@@ -71,6 +76,7 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
         ignore_keys: Sequence[str] = (),
         image_key: str = "image",
         monitor: str | None = "val/rec_loss",
+        optimizations: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if update_schedule not in _SCHEDULES:
@@ -82,6 +88,8 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
         if len(adam_betas) != 2:
             raise ValueError(f"adam_betas must be two numbers, got {adam_betas!r}")
         ddconfig, lossconfig = to_container(ddconfig), to_container(lossconfig)
+        opts = None if optimizations is None else to_container(optimizations)
+        self.optimizations = parse_optimizations(opts)
         # Plain containers only: a DictConfig in hparams would break torch.load(weights_only=True).
         self.save_hyperparameters(
             {
@@ -98,6 +106,7 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
                 "train_decoder_only": train_decoder_only,
                 "image_key": image_key,
                 "monitor": monitor,
+                "optimizations": self.optimizations.to_dict(),
             }
         )
         self.automatic_optimization = False  # two optimizers: Lightning 2 has no optimizer_idx
@@ -115,6 +124,11 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
         for name, module in build_codec_modules(ddconfig, embed_dim).items():
             self.add_module(name, module)
         self.loss = instantiate_from_config(lossconfig)
+        if self.optimizations.gradient_checkpointing:
+            self.encoder.gradient_checkpointing = self.decoder.gradient_checkpointing = True
+        if hasattr(self.loss, "lpips_target_no_grad"):
+            self.loss.lpips_target_no_grad = self.optimizations.lpips_target_no_grad
+        self._runtime_optimized = False
         self.ema = ModuleEMA(self._codec_modules(), decay=ema_decay) if ema_decay is not None else None
         if ckpt_path is not None:
             self.init_from_ckpt(ckpt_path, ignore_keys)
@@ -187,9 +201,17 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         lr = self.learning_rate
-        opt_ae = torch.optim.Adam(self._trainable_codec_parameters(), lr=self.lr_g_factor * lr, betas=self.adam_betas)
-        opt_disc = torch.optim.Adam(self.loss.discriminator.parameters(), lr=lr, betas=self.adam_betas)
+        fused = self.optimizations.fused_adam_on(self.device)  # the model is on its device by now
+        opt_ae = make_adam(self._trainable_codec_parameters(), self.lr_g_factor * lr, self.adam_betas, fused)
+        opt_disc = make_adam(self.loss.discriminator.parameters(), lr, self.adam_betas, fused)
         return [opt_ae, opt_disc]
+
+    def on_fit_start(self) -> None:
+        # Here, not in __init__: compile/cudnn choices depend on the device the Trainer picked.
+        if not self._runtime_optimized:
+            applied = apply_runtime_optimizations(self, self.optimizations, self.device)
+            self._runtime_optimized = True
+            log.info("optimizations applied on %s: %s", self.device, applied or "none")
 
     def _phase(self, iteration: int) -> tuple[bool, bool]:
         """(update autoencoder, update discriminator) for this iteration."""

@@ -20,6 +20,7 @@ from torch import nn
 from klvae.modules.discriminator import NLayerDiscriminator
 from klvae.modules.distributions import DiagonalGaussianDistribution
 from klvae.modules.perceptual import load_lpips
+from klvae.perf.lpips import lpips_distance
 
 __all__ = ["LPIPSWithDiscriminator", "adopt_weight", "hinge_d_loss", "vanilla_d_loss"]
 
@@ -35,6 +36,10 @@ def vanilla_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torc
 def adopt_weight(weight: float, iteration: int, threshold: int) -> float:
     """``weight`` once ``iteration`` has reached ``threshold``, else 0 (the GAN warm-up switch)."""
     return weight if iteration >= threshold else 0.0
+
+
+def _call_lpips(model: nn.Module, inputs: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
+    return model(inputs, reconstructions)
 
 
 _D_LOSSES = {"hinge": hinge_d_loss, "vanilla": vanilla_d_loss}
@@ -112,6 +117,9 @@ class LPIPSWithDiscriminator(nn.Module):
         # A Parameter either way so LDM checkpoints (which always hold loss.logvar) load strictly.
         self.logvar = nn.Parameter(torch.ones(()) * logvar_init, requires_grad=learn_logvar)
         self.perceptual_loss = load_lpips(perceptual_backbone) if perceptual_weight > 0 else None
+        # Set by AutoencoderKL from optimizations.lpips_target_no_grad: LPIPS assembled by hand with the
+        # input's features under no_grad (klvae.perf.lpips); same value and gradients as lpips.LPIPS.
+        self.lpips_target_no_grad = False
         self.discriminator = NLayerDiscriminator(disc_in_channels, disc_ndf, disc_num_layers, use_actnorm)
 
     def train(self, mode: bool = True) -> LPIPSWithDiscriminator:
@@ -139,7 +147,8 @@ class LPIPSWithDiscriminator(nn.Module):
         rec = self.pixel_weight * rec
         if self.perceptual_loss is not None:
             # LPIPS runs under whatever autocast is active; the distance is accumulated in fp32.
-            p_loss = self.perceptual_loss(inputs.contiguous(), reconstructions.contiguous()).float()
+            lpips_fn = lpips_distance if self.lpips_target_no_grad else _call_lpips
+            p_loss = lpips_fn(self.perceptual_loss, inputs.contiguous(), reconstructions.contiguous()).float()
             total = rec + self.perceptual_weight * p_loss  # (B,1,1,1) broadcast to every pixel, as LDM
         else:
             p_loss = torch.zeros(x.shape[0], 1, 1, 1, device=x.device)

@@ -1,0 +1,180 @@
+#!/usr/bin/env python
+"""Throughput, memory and MFU of klvae's real training step, next to diffusers' AutoencoderKL.
+
+klvae's step is ``AutoencoderKL.training_step`` driven by a Lightning Trainer (manual optimization, both
+update schedules, before and after ``disc_start``); diffusers' is the same pre-GAN loss in plain PyTorch
+(see ``klvae.perf.diffusers_ref``). FLOPs are counted with ``FlopCounterMode`` on one eager step per case
+(model FLOPs: no recomputation), MFU = FLOPs / time / ``--peak-tflops``. One JSON line per measurement.
+
+    # CPU smoke (seconds):
+    python benchmarks/train_step.py --device cpu --model tiny --batch 1 --resolution 64 --steps 2
+    # H100, the issue's setting, every switch:
+    python benchmarks/train_step.py --batch 12 --resolution 256 --steps 30 --sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_common_args, batch_loader, parse_variant, resolve_common  # noqa: E402
+
+from klvae.models.autoencoder import AutoencoderKL  # noqa: E402
+from klvae.modules.perceptual import load_lpips  # noqa: E402
+from klvae.perf.bench import (  # noqa: E402
+    FlopCounterCallback,
+    StepTimer,
+    device_info,
+    emit,
+    peak_memory_gib,
+    peak_tflops_for,
+    reset_peak_memory,
+    summarize,
+    time_calls,
+)
+from klvae.perf.diffusers_ref import build_diffusers_vae, diffusers_available, diffusers_train_step  # noqa: E402
+from klvae.perf.flops import count_flops  # noqa: E402
+from klvae.perf.options import Optimizations  # noqa: E402
+
+log = logging.getLogger("benchmarks.train_step")
+
+# case -> (disc_start, update_schedule); "pre" = before the GAN starts (the issue's comparison point).
+CASES = {
+    "pre": (10**9, "alternate"),
+    "post-alternate": (0, "alternate"),
+    "post-every_batch": (0, "every_batch"),
+}
+
+
+def build_model(ddconfig: dict, case: str, opts: Optimizations, backbone: str) -> AutoencoderKL:
+    disc_start, schedule = CASES[case]
+    lossconfig = {
+        "target": "klvae.modules.losses.LPIPSWithDiscriminator",
+        "params": {
+            "disc_start": disc_start, "kl_weight": 1e-6, "pixel_loss": "l2", "perceptual_weight": 0.5,
+            "perceptual_backbone": backbone, "reduction": "sum",
+        },
+    }  # fmt: skip
+    return AutoencoderKL(
+        ddconfig,
+        lossconfig,
+        embed_dim=4,
+        update_schedule=schedule,
+        optimizations=opts.to_dict(),
+        monitor=None,
+    )
+
+
+def fit(
+    model: AutoencoderKL, args: argparse.Namespace, device: torch.device, batches: int, callback: Any
+) -> None:
+    trainer = pl.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
+        precision="bf16-mixed" if args.precision == "bf16" else "32-true",
+        max_epochs=1, limit_train_batches=batches, limit_val_batches=0, num_sanity_val_steps=0,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[callback],
+    )  # fmt: skip
+    trainer.fit(model, train_dataloaders=batch_loader(args.batch, args.resolution, batches, device))
+
+
+def cleanup(device: torch.device) -> None:
+    torch._dynamo.reset()  # fresh compile caches per variant: no recompile-limit fallback to eager
+    gc.collect()
+    reset_peak_memory(device)
+
+
+def count_klvae_flops(args: argparse.Namespace, device: torch.device, ddconfig: dict, case: str) -> float:
+    """Model FLOPs per iteration of ``case`` (mean over an AE and a D iteration when they alternate)."""
+    model = build_model(ddconfig, case, parse_variant("plain"), args.perceptual_backbone)
+    counter = FlopCounterCallback()
+    fit(model, args, device, 2, counter)
+    del model
+    cleanup(device)
+    return sum(counter.flops) / len(counter.flops)
+
+
+def bench_klvae(args: argparse.Namespace, device: torch.device, ddconfig: dict, base: dict) -> None:
+    peak = peak_tflops_for(device, args.peak_tflops)
+    for case in args.cases:
+        flops = count_klvae_flops(args, device, ddconfig, case)
+        steps = args.steps + (args.steps % 2 if CASES[case][0] == 0 else 0)  # whole AE/D pairs
+        for spec in args.variants:
+            opts = parse_variant(spec)
+            model = build_model(ddconfig, case, opts, args.perceptual_backbone)
+            timer = StepTimer(args.warmup)
+            cleanup(device)
+            fit(model, args, device, args.warmup + steps, timer)
+            mem, mem_kind = peak_memory_gib(device)
+            emit({**base, "impl": "klvae", "case": case, "variant": spec, "optimizations": opts.to_dict(),
+                  **summarize(timer.times, args.batch, flops, peak), "peak_mem_gib": round(mem, 3),
+                  "mem_kind": mem_kind})  # fmt: skip
+            del model, timer
+            cleanup(device)
+
+
+def bench_diffusers(args: argparse.Namespace, device: torch.device, ddconfig: dict, base: dict) -> None:
+    if args.diffusers == "none" or "pre" not in args.cases:
+        return
+    if not diffusers_available():
+        log.warning("diffusers is not installed: no side-by-side numbers")
+        return
+    peak = peak_tflops_for(device, args.peak_tflops)
+    fused = Optimizations().fused_adam_on(device)
+    flavours = ["eager", "compiled"] if args.diffusers == "both" else [args.diffusers]
+    flops = None
+    for flavour in flavours:
+        torch.manual_seed(0)
+        vae = build_diffusers_vae(ddconfig, 4).to(device).train()
+        lpips_model = load_lpips(args.perceptual_backbone).to(device)
+        images = torch.rand(args.batch, 3, args.resolution, args.resolution, device=device) * 2 - 1
+        step = diffusers_train_step(vae, lpips_model, images, args.precision, fused)
+        if flops is None:  # counted on the eager model (compiled kernels bypass the counter)
+            flops = count_flops(step)
+        if flavour == "compiled":
+            vae.encoder.compile()
+            vae.decoder.compile()
+        cleanup(device)
+        times = time_calls(step, device, args.warmup, args.steps)
+        mem, mem_kind = peak_memory_gib(device)
+        emit({**base, "impl": f"diffusers-{flavour}", "case": "pre", "variant": f"diffusers-{flavour}",
+              "optimizations": {"fused_adam": fused, "compile": flavour == "compiled"},
+              **summarize(times, args.batch, flops, peak), "peak_mem_gib": round(mem, 3), "mem_kind": mem_kind})  # fmt: skip
+        del vae, lpips_model, step
+        cleanup(device)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_common_args(parser)
+    parser.add_argument(
+        "--cases", default="pre,post-alternate,post-every_batch", help=f"comma list of {list(CASES)}"
+    )
+    parser.add_argument(
+        "--perceptual-backbone", default="random", help="timing does not depend on the weights"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    device, ddconfig, args.variants = resolve_common(args)
+    args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [c for c in args.cases if c not in CASES]
+    if unknown:
+        raise ValueError(f"--cases: unknown {unknown}; choose from {list(CASES)}")
+    base = {"bench": "train_step", "model": args.model, "batch": args.batch, "resolution": args.resolution,
+            "precision": args.precision, **device_info(device)}  # fmt: skip
+    bench_klvae(args, device, ddconfig, base)
+    bench_diffusers(args, device, ddconfig, base)
+
+
+if __name__ == "__main__":
+    main()

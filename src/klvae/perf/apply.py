@@ -1,0 +1,71 @@
+"""Apply :class:`klvae.perf.options.Optimizations` to a model once its device is known."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from klvae.perf.options import Optimizations
+
+__all__ = ["apply_runtime_optimizations", "make_adam", "region_modules"]
+
+log = logging.getLogger(__name__)
+
+
+def region_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The compilable regions of an :class:`AutoencoderKL`-like model (missing ones are left out)."""
+    loss = getattr(model, "loss", None)
+    lpips_model = getattr(loss, "perceptual_loss", None)
+    regions = {
+        "encoder": getattr(model, "encoder", None),
+        "decoder": getattr(model, "decoder", None),
+        # Only the VGG trunk: the LPIPS heads are tiny, and both LPIPS code paths call the trunk.
+        "lpips": getattr(lpips_model, "net", None),
+        "discriminator": getattr(loss, "discriminator", None),
+    }
+    return {name: m for name, m in regions.items() if m is not None}
+
+
+def apply_runtime_optimizations(
+    model: nn.Module,
+    opts: Optimizations,
+    device: torch.device,
+    regions: Mapping[str, nn.Module] | None = None,
+) -> list[str]:
+    """Convert memory formats, compile regions and set cudnn.benchmark for a run on ``device``.
+
+    ``Module.compile()`` works in place, so parameters, state-dict keys, EMA swapping and checkpoints are
+    unaffected; compilation itself happens lazily on the first call.
+
+    Returns:
+        Human-readable list of what was applied (logged by the caller).
+    """
+    regions = dict(region_modules(model) if regions is None else regions)
+    applied: list[str] = []
+    for name in opts.channels_last:
+        if name in regions:
+            regions[name].to(memory_format=torch.channels_last)
+            applied.append(f"channels_last:{name}")
+    if opts.compile_on(device):
+        for name in opts.compile_regions:
+            if name in regions:
+                regions[name].compile(mode=opts.compile_mode)
+                applied.append(f"compile:{name}")
+    if opts.cudnn_benchmark_on(device):
+        torch.backends.cudnn.benchmark = True  # fixed training shapes: autotune conv algorithms once
+        applied.append("cudnn.benchmark")
+    return applied
+
+
+def make_adam(
+    params: Iterable[nn.Parameter], lr: float, betas: tuple[float, float], fused: bool
+) -> torch.optim.Adam:
+    """Adam with LDM's hyper-parameters; ``fused=True`` updates all tensors in one kernel (CUDA)."""
+    params = list(params)
+    if fused and not all(p.is_floating_point() for p in params):
+        raise ValueError("optimizations.fused_adam needs floating-point parameters; set it to false")
+    # fused=None (not False) lets torch pick its foreach implementation when fused is off.
+    return torch.optim.Adam(params, lr=lr, betas=betas, fused=True if fused else None)

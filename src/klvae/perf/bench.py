@@ -1,0 +1,171 @@
+"""Measurement utilities shared by ``benchmarks/train_step.py`` and ``benchmarks/codec.py``.
+
+Timing brackets only device work (``synchronize`` on both ends); peak memory is CUDA's
+``max_memory_allocated`` on GPU and the process's peak RSS on CPU (a coarse upper bound, labelled so).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+__all__ = [
+    "FlopCounterCallback",
+    "StepTimer",
+    "autocast_context",
+    "device_info",
+    "emit",
+    "peak_memory_gib",
+    "peak_tflops_for",
+    "reset_peak_memory",
+    "summarize",
+    "synchronize",
+    "time_calls",
+]
+
+log = logging.getLogger(__name__)
+
+# Dense bf16 matmul throughput actually reached (not the data-sheet number), per device name fragment.
+_PEAK_BF16_TFLOPS = {"H100": 798.0, "H200": 798.0}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gib(device: torch.device) -> tuple[float, str]:
+    """(peak GiB, what was measured)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30, "cuda_max_memory_allocated"
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    scale = 2**30 if sys.platform == "darwin" else 2**20
+    return rss_kib / scale, "cpu_process_max_rss"
+
+
+def peak_tflops_for(device: torch.device, override: float | None) -> float | None:
+    """``override`` if given, else the table value for a known GPU, else None (MFU not reported)."""
+    if override is not None:
+        return override
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((v for k, v in _PEAK_BF16_TFLOPS.items() if k in name), None)
+    return None
+
+
+def device_info(device: torch.device) -> dict[str, Any]:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return {
+        "device": str(device),
+        "device_name": name,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def autocast_context(device: torch.device, precision: str) -> Any:
+    """bf16 autocast (weights stay fp32) or nothing for fp32."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def time_calls(fn: Callable[[], Any], device: torch.device, warmup: int, steps: int) -> list[float]:
+    """Seconds per call of ``fn`` for ``steps`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+class StepTimer(pl.Callback):
+    """Device time of every training batch after ``warmup`` batches (data loading excluded)."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.times, self._t0 = warmup, [], 0.0
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        synchronize(pl_module.device)
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        synchronize(pl_module.device)
+        if batch_idx >= self.warmup:
+            self.times.append(time.perf_counter() - self._t0)
+
+
+class FlopCounterCallback(pl.Callback):
+    """FLOPs of each training batch (run on an eager model: compiled kernels bypass the counter)."""
+
+    def __init__(self) -> None:
+        self.flops: list[int] = []
+        self._mode: FlopCounterMode | None = None
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._mode = FlopCounterMode(display=False)
+        self._mode.__enter__()
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        assert self._mode is not None
+        self._mode.__exit__(None, None, None)
+        self.flops.append(int(self._mode.get_total_flops()))
+        self._mode = None
+
+
+def summarize(
+    times: list[float], batch: int, flops_per_iter: float | None, peak_tflops: float | None
+) -> dict[str, Any]:
+    """img/s, ms/iteration (median and mean), achieved TFLOP/s and MFU from per-iteration times."""
+    mean = statistics.fmean(times)
+    out: dict[str, Any] = {
+        "iterations_timed": len(times),
+        "ms_per_iter": round(1e3 * mean, 3),
+        "ms_per_iter_median": round(1e3 * statistics.median(times), 3),
+        "img_per_s": round(batch / mean, 3),
+        "flops_per_iter": flops_per_iter,
+        "gflops_per_img": round(flops_per_iter / batch / 1e9, 2) if flops_per_iter else None,
+        "tflops_per_s": round(flops_per_iter / mean / 1e12, 4) if flops_per_iter else None,
+        "peak_tflops": peak_tflops,
+        "mfu": round(flops_per_iter / mean / (peak_tflops * 1e12), 4)
+        if flops_per_iter and peak_tflops
+        else None,
+    }
+    return out
+
+
+def emit(record: dict[str, Any]) -> None:
+    """One JSON line on stdout (the benchmark's result format)."""
+    sys.stdout.write(json.dumps(record, sort_keys=True) + "\n")
+    sys.stdout.flush()
