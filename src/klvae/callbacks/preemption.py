@@ -1,0 +1,112 @@
+"""SLURM-friendly preemption: SIGUSR1 / SIGTERM write ``last.ckpt`` and stop training cleanly.
+
+SLURM sends SIGUSR1 ahead of the time limit when the job has ``#SBATCH --signal=USR1@90`` and SIGTERM on
+preemption. The handler only sets a flag; the checkpoint is written at the end of the current training
+batch (a consistent state), by every rank together, then training stops. On SIGUSR1 inside a SLURM job
+the job is requeued (``scontrol requeue``), and the requeued job resumes from the run directory
+(see ``klvae.run_dir``). Lightning's own SLURM auto-requeue is switched off by the CLI so that exactly one
+mechanism handles the signal.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import threading
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+from klvae.callbacks.checkpointing import IterationCheckpoint, iteration_of
+
+__all__ = ["PreemptionHandler"]
+
+log = logging.getLogger(__name__)
+
+
+class PreemptionHandler(Callback):
+    """Turns SIGUSR1/SIGTERM into "save ``last.ckpt`` after this batch, then stop".
+
+    Args:
+        checkpointer: the run's ``IterationCheckpoint`` (its ``save_last`` writes the file).
+        requeue: on SIGUSR1 inside a SLURM job, run ``scontrol requeue $SLURM_JOB_ID`` after saving.
+    """
+
+    def __init__(self, checkpointer: IterationCheckpoint, requeue: bool = True) -> None:
+        self.checkpointer = checkpointer
+        self.requeue = requeue
+        self.received: int | None = None  # the signal number, once one arrived
+        self.saved_path: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        # Only set a flag: a signal handler runs between two bytecodes, anywhere in a training step.
+        self.received = signum
+        previous = self._previous.get(signum)
+        if callable(previous):  # keep Lightning's SIGTERM bookkeeping (trainer.received_sigterm) working
+            previous(signum, frame)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Registered here, after Lightning installed its own SIGTERM handler, which we chain to.
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in (signal.SIGUSR1, signal.SIGTERM):
+            self._previous[signum] = signal.getsignal(signum)
+            signal.signal(signum, self._handle)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        local = self.received is not None or trainer.received_sigterm
+        # All ranks must agree (save_checkpoint has a barrier); SLURM may signal them at different times.
+        stop = trainer.strategy.reduce_boolean_decision(local, all=False) if trainer.world_size > 1 else local
+        if not stop or self.saved_path is not None:
+            return
+        self._save(trainer, pl_module)
+        trainer.should_stop = True
+        if self.received == signal.SIGUSR1 and self.requeue and trainer.is_global_zero:
+            self._requeue()
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        # SIGTERM during validation: Lightning stops inside the validation loop, before any train batch end.
+        # Weights and optimizers are consistent there; single-process only (no collectives mid-teardown).
+        if isinstance(exception, SIGTERMException) and self.saved_path is None and trainer.world_size == 1:
+            self._save(trainer, pl_module)
+
+    def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        name = signal.Signals(self.received).name if self.received else "SIGTERM"
+        self.saved_path = str(self.checkpointer.save_last(trainer, pl_module))
+        rank_zero_only(log.info)(
+            f"{name} received: wrote {self.saved_path} at iteration {iteration_of(pl_module)}; stopping. "
+            f"Resume with: python main.py -t -r {self.checkpointer.dirpath.parent}"
+        )
+
+    @staticmethod
+    def _requeue() -> None:
+        job = os.environ.get("SLURM_JOB_ID")
+        if os.environ.get("SLURM_ARRAY_JOB_ID"):
+            job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
+        if not job:
+            return
+        try:
+            result = subprocess.run(["scontrol", "requeue", job], check=False, timeout=60).returncode
+        except (OSError, subprocess.TimeoutExpired) as e:
+            log.warning("could not requeue SLURM job %s: %s", job, e)
+            return
+        if result == 0:
+            rank_zero_only(log.info)(f"requeued SLURM job {job}")
+        else:
+            log.warning("scontrol requeue %s failed with exit code %d", job, result)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for signum, handler in self._previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+        self._previous = {}

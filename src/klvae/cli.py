@@ -1,0 +1,149 @@
+"""``python main.py``: LDM's training command line on Lightning 2.
+
+    python main.py --base configs/autoencoder_kl_f8.yaml -t --gpus 0,1,2,3
+    python main.py -t -r logs/2025-01-01T00-00-00_autoencoder_kl_f8          # resume a run
+    python main.py -b configs/demo.yaml -t model.params.lossconfig.params.disc_start=1000
+
+Bad invocations (missing file, unknown config key, --resume to nothing) end with one ``error:`` line and
+exit status 2; ``--traceback`` shows the full trace instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from klvae.util import ConfigError
+
+__all__ = ["build_parser", "main"]
+
+log = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="main.py",
+        description="Train or evaluate the KL autoencoder (LDM/Stable Diffusion first stage) with Lightning 2.",
+        usage="%(prog)s [-b CONFIG.yaml ...] [-t] [options] [key.path=value ...]",
+        epilog="key.path=value arguments (anywhere on the line) override the merged config, e.g. "
+        "model.params.lossconfig.params.disc_start=1000 lightning.max_iterations=20000",
+    )
+    a = p.add_argument
+    a(
+        "-b",
+        "--base",
+        nargs="*",
+        default=[],
+        metavar="CONFIG.yaml",
+        help="config files, merged left to right (later files win); overrides come after them",
+    )
+    a("-t", "--train", action="store_true", help="train (without it: only evaluate the --resume checkpoint)")
+    a(
+        "--gpus",
+        default=None,
+        help="GPU indices '0,' (GPU 0) or '0,1,2,3' (four GPUs), or a count '2'; absent: CPU "
+        "(unless lightning.trainer.accelerator says otherwise)",
+    )
+    a("--num_nodes", type=int, default=None, help="number of nodes for multi-node DDP (default 1)")
+    a(
+        "-r",
+        "--resume",
+        default=None,
+        metavar="RUN_DIR|CKPT",
+        help="continue a run: a run directory (uses checkpoints/last.ckpt) or a .ckpt file; restores weights, "
+        "optimizers, EMA, iteration counter, GAN phase and the W&B run",
+    )
+    a(
+        "-n",
+        "--name",
+        default=None,
+        help="run name: logs/<timestamp>_<name> (default: the first config's name); "
+        "with --resume, starts a new run directory from that checkpoint",
+    )
+    a("-p", "--project", default=None, help="W&B project (default: klvae)")
+    a("-s", "--seed", type=int, default=23, help="global seed (default 23, as LDM)")
+    a("-l", "--logdir", default="logs", help="parent directory of run directories (default: logs)")
+    a(
+        "--scale_lr",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="lr = accumulate_grad_batches * n_gpus * n_nodes * batch_size * base_learning_rate "
+        "(LDM's rule, on by default); --no-scale_lr uses base_learning_rate as is",
+    )
+    a(
+        "--no-test",
+        dest="no_test",
+        action="store_true",
+        help="skip the evaluation after training (test split when model and data define one, else validation)",
+    )
+    a(
+        "--precision",
+        default=None,
+        help="Lightning precision: bf16-mixed (default on GPU), 32-true (default on CPU), 16-mixed, ...",
+    )
+    a(
+        "--logger",
+        default="wandb",
+        choices=["wandb", "csv", "tensorboard"],
+        help="experiment logger (default wandb; offline on its own without API key or network)",
+    )
+    a("--traceback", action="store_true", help="show full tracebacks for configuration errors")
+    return p
+
+
+def _configure_logging() -> None:
+    klvae_log = logging.getLogger("klvae")
+    if not klvae_log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        klvae_log.addHandler(handler)
+        klvae_log.setLevel(logging.INFO)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the process exit status."""
+    parser = build_parser()
+    # Overrides may sit anywhere on the line (LDM allows `-t key=value --gpus 0,`): collect them from
+    # what argparse did not recognise, and reject anything else that looks like a flag.
+    args, rest = parser.parse_known_args(argv)
+    flags = [r for r in rest if r.startswith("-") or "=" not in r]
+    if flags:
+        parser.error(f"unrecognized arguments: {' '.join(flags)} (config overrides look like key.path=value)")
+    args.overrides = rest
+    # `-b a.yaml key=value` makes argparse put the override into --base (nargs="*"): move it back.
+    overrides = [b for b in args.base if "=" in b and not b.endswith((".yaml", ".yml"))]
+    args.base = [b for b in args.base if b not in overrides]
+    args.overrides = overrides + args.overrides
+    _configure_logging()
+    from klvae.run_dir import RUN_DIR_ENV
+
+    saved_env = os.environ.get(RUN_DIR_ENV)
+    try:
+        from klvae.training import prepare, run
+
+        try:
+            job = prepare(args)
+        except (ConfigError, ValueError, FileNotFoundError, ImportError, KeyError) as e:
+            if args.traceback:
+                raise
+            print(f"error: {_one_line(e)}", file=sys.stderr)
+            return 2
+        return run(job)
+    finally:
+        # In-process callers (tests, notebooks) must not inherit this run's directory in their next run.
+        if saved_env is None:
+            os.environ.pop(RUN_DIR_ENV, None)
+        else:
+            os.environ[RUN_DIR_ENV] = saved_env
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e) if not isinstance(e, KeyError) else f"missing key {e}"
+    return " ".join(text.split()) or type(e).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())
