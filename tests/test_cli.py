@@ -164,8 +164,8 @@ def test_ddp_two_cpu_processes_with_batchnorm_discriminator(photos, tmp_path):
 
 
 def test_webdataset_run_skips_and_logs_corrupt_images(tmp_path):
-    from tests.data.conftest import random_image, write_shard
     from tests.data.conftest import encode as encode_image
+    from tests.data.conftest import random_image, write_shard
 
     samples = [{"__key__": f"{i:04d}", "jpg": encode_image(random_image(i, 48, 48))} for i in range(7)]
     samples.insert(3, {"__key__": "bad", "jpg": b"\xff\xd8 not a jpeg"})

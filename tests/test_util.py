@@ -10,7 +10,9 @@ from klvae.util import ConfigError, get_obj_from_str, instantiate_from_config, l
 
 
 def test_instantiate_builds_target_with_params():
-    layer = instantiate_from_config({"target": "torch.nn.Linear", "params": {"in_features": 3, "out_features": 2}})
+    layer = instantiate_from_config(
+        {"target": "torch.nn.Linear", "params": {"in_features": 3, "out_features": 2}}
+    )
     assert isinstance(layer, torch.nn.Linear) and layer.out_features == 2
 
 
@@ -21,7 +23,13 @@ class Recorder:
 
 def test_instantiate_hands_plain_resolved_containers_to_objects():
     cfg = OmegaConf.create(
-        {"x": 2, "block": {"target": "tests.test_util.Recorder", "params": {"options": {"a": "${x}"}, "sizes": [1]}}}
+        {
+            "x": 2,
+            "block": {
+                "target": "tests.test_util.Recorder",
+                "params": {"options": {"a": "${x}"}, "sizes": [1]},
+            },
+        }
     )
     obj = instantiate_from_config(cfg.block)
     assert type(obj.options) is dict and type(obj.sizes) is list

@@ -47,6 +47,8 @@ def select_first_stage(
     """Strip SD's ``first_stage_model.`` prefix (keeping only those keys when present) and drop keys that
     start with any of ``ignore_keys``."""
     if any(k.startswith(FIRST_STAGE_PREFIX) for k in state_dict):
-        state_dict = {k[len(FIRST_STAGE_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(FIRST_STAGE_PREFIX)}
+        state_dict = {
+            k[len(FIRST_STAGE_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(FIRST_STAGE_PREFIX)
+        }
     ignore = tuple(ignore_keys)
     return {k: v for k, v in state_dict.items() if not (ignore and k.startswith(ignore))}

@@ -41,7 +41,9 @@ def to_container(config: Any) -> Any:
 def get_obj_from_str(path: str) -> Any:
     """Import ``"package.module.Name"`` and return ``Name``, with an error that says what failed."""
     if not isinstance(path, str) or "." not in path:
-        raise ConfigError(f"target must be a dotted import path like 'klvae.models.AutoencoderKL', got {path!r}")
+        raise ConfigError(
+            f"target must be a dotted import path like 'klvae.models.AutoencoderKL', got {path!r}"
+        )
     module_name, _, attr = path.rpartition(".")
     try:
         module = importlib.import_module(module_name)
@@ -95,9 +97,13 @@ def instantiate_from_config(config: Mapping[str, Any] | DictConfig, **extra: Any
     """
     config = to_container(config)
     if not isinstance(config, Mapping):
-        raise ConfigError(f"expected a mapping with 'target' and 'params', got {type(config).__name__}: {config!r}")
+        raise ConfigError(
+            f"expected a mapping with 'target' and 'params', got {type(config).__name__}: {config!r}"
+        )
     if "target" not in config:
-        raise ConfigError(f"config block has no 'target' key (keys: {sorted(config)}); expected {{target, params}}")
+        raise ConfigError(
+            f"config block has no 'target' key (keys: {sorted(config)}); expected {{target, params}}"
+        )
     unexpected = sorted(set(config) - {"target", "params", "base_learning_rate"})
     if unexpected:
         raise ConfigError(f"config block for {config['target']!r} has unknown key(s) {unexpected}")

@@ -106,7 +106,9 @@ def test_gan_terms_logged_zero_before_and_active_after_disc_start(tiny_ddconfig,
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             m = trainer.callback_metrics
-            self.rows.append((m["train/disc_factor"].item(), m["train/g_loss"].item(), m["train/d_weight"].item()))
+            self.rows.append(
+                (m["train/disc_factor"].item(), m["train/g_loss"].item(), m["train/d_weight"].item())
+            )
 
     grab = Grab()
     fit(model, 4, [grab])
@@ -131,7 +133,9 @@ def test_gradient_clipping_bounds_the_norm_seen_by_the_optimizer(tiny_ddconfig, 
     class Hook(pl.Callback):
         def on_train_start(self, trainer, module):
             def record(optimizer, args, kwargs):
-                grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+                grads = [
+                    p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None
+                ]
                 norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
 
             trainer.optimizers[0].register_step_pre_hook(record)
@@ -156,14 +160,18 @@ def test_learned_logvar_is_optimised(tiny_ddconfig, tiny_lossconfig):
 
 
 def test_optimizers_use_lr_g_factor_and_betas(tiny_ddconfig, tiny_lossconfig):
-    model = make_model(tiny_ddconfig, tiny_lossconfig, learning_rate=2e-4, lr_g_factor=0.5, adam_betas=[0.4, 0.8])
+    model = make_model(
+        tiny_ddconfig, tiny_lossconfig, learning_rate=2e-4, lr_g_factor=0.5, adam_betas=[0.4, 0.8]
+    )
     opt_ae, opt_disc = model.configure_optimizers()
     assert opt_ae.param_groups[0]["lr"] == pytest.approx(1e-4)
     assert opt_disc.param_groups[0]["lr"] == pytest.approx(2e-4)
     assert opt_ae.param_groups[0]["betas"] == (0.4, 0.8)
     ae_ids = {id(p) for p in opt_ae.param_groups[0]["params"]}
     assert ae_ids.isdisjoint(id(p) for p in model.loss.parameters())
-    assert {id(p) for p in opt_disc.param_groups[0]["params"]} == {id(p) for p in model.loss.discriminator.parameters()}
+    assert {id(p) for p in opt_disc.param_groups[0]["params"]} == {
+        id(p) for p in model.loss.discriminator.parameters()
+    }
 
 
 def test_lpips_stays_in_eval_mode_after_model_train(tiny_ddconfig, tiny_lossconfig):
@@ -215,7 +223,9 @@ def test_warm_start_missing_network_tensors_raises(tiny_ddconfig, tiny_lossconfi
     source = make_model(tiny_ddconfig, tiny_lossconfig)
     torch.save(source.state_dict(), tmp_path / "full.ckpt")
     with pytest.raises(ValueError, match="lacks .* autoencoder tensors"):
-        make_model(tiny_ddconfig, tiny_lossconfig, ckpt_path=str(tmp_path / "full.ckpt"), ignore_keys=["decoder."])
+        make_model(
+            tiny_ddconfig, tiny_lossconfig, ckpt_path=str(tmp_path / "full.ckpt"), ignore_keys=["decoder."]
+        )
 
 
 def test_log_images_returns_inputs_reconstructions_samples(tiny_ddconfig, tiny_lossconfig):

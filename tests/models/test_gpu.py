@@ -12,9 +12,13 @@ from tests.models.test_autoencoder import loader
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("schedule", ["alternate", "every_batch"])
-def test_bf16_mixed_training_on_cuda_keeps_fp32_weights_and_finite_losses(tiny_ddconfig, tiny_lossconfig, schedule):
+def test_bf16_mixed_training_on_cuda_keeps_fp32_weights_and_finite_losses(
+    tiny_ddconfig, tiny_lossconfig, schedule
+):
     tiny_lossconfig["params"]["disc_start"] = 1
-    model = AutoencoderKL(tiny_ddconfig, tiny_lossconfig, embed_dim=4, learning_rate=1e-4, update_schedule=schedule)
+    model = AutoencoderKL(
+        tiny_ddconfig, tiny_lossconfig, embed_dim=4, learning_rate=1e-4, update_schedule=schedule
+    )
     trainer = pl.Trainer(
         accelerator="gpu",
         devices=1,

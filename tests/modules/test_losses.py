@@ -54,7 +54,11 @@ def test_sum_reduction_is_chw_times_mean_reduction(batch):
 def test_perceptual_term_is_lpips_broadcast_per_pixel(batch, reduction):
     x, x_hat, posterior = batch
     loss_fn = make_loss(
-        perceptual_weight=0.5, perceptual_backbone="random", reduction=reduction, kl_weight=0.0, pixel_loss="l2"
+        perceptual_weight=0.5,
+        perceptual_backbone="random",
+        reduction=reduction,
+        kl_weight=0.0,
+        pixel_loss="l2",
     )
     loss, logs = loss_fn.generator_loss(x, x_hat, posterior, 0)
     p = loss_fn.perceptual_loss(x, x_hat).flatten()  # (B,) LPIPS distances
@@ -164,7 +168,13 @@ def test_lpips_is_frozen_and_stays_in_eval_mode():
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("pixel_loss", "l3"), ("reduction", "avg"), ("disc_loss", "wgan"), ("disc_start", -1), ("kl_weight", -1.0)],
+    [
+        ("pixel_loss", "l3"),
+        ("reduction", "avg"),
+        ("disc_loss", "wgan"),
+        ("disc_start", -1),
+        ("kl_weight", -1.0),
+    ],
 )
 def test_invalid_loss_option_raises_naming_it(key, value):
     with pytest.raises(ValueError, match=key):

@@ -51,7 +51,9 @@ def expected_ldm_keys(num_levels: int = 4, num_res_blocks: int = 2) -> set[str]:
 
     def mid(prefix: str) -> list[str]:
         keys = resnet(f"{prefix}.mid.block_1", False) + resnet(f"{prefix}.mid.block_2", False)
-        return keys + [f"{prefix}.mid.attn_1.{n}.{p}" for n in ("norm", "q", "k", "v", "proj_out") for p in conv]
+        return keys + [
+            f"{prefix}.mid.attn_1.{n}.{p}" for n in ("norm", "q", "k", "v", "proj_out") for p in conv
+        ]
 
     widths = [128, 256, 512, 512]
     keys = [f"{m}.{p}" for m in ("quant_conv", "post_quant_conv") for p in conv]
@@ -163,7 +165,9 @@ def test_downsample_pads_right_bottom_only():
 
     down = Downsample(2)
     x = torch.randn(1, 2, 8, 8)
-    torch.testing.assert_close(down(x), F.conv2d(F.pad(x, (0, 1, 0, 1)), down.conv.weight, down.conv.bias, stride=2))
+    torch.testing.assert_close(
+        down(x), F.conv2d(F.pad(x, (0, 1, 0, 1)), down.conv.weight, down.conv.bias, stride=2)
+    )
 
 
 @pytest.mark.parametrize(

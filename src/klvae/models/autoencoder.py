@@ -82,7 +82,9 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
         if update_schedule not in _SCHEDULES:
             raise ValueError(f"update_schedule must be one of {_SCHEDULES}, got {update_schedule!r}")
         if not isinstance(accumulate_grad_batches, int) or accumulate_grad_batches < 1:
-            raise ValueError(f"accumulate_grad_batches must be an integer >= 1, got {accumulate_grad_batches!r}")
+            raise ValueError(
+                f"accumulate_grad_batches must be an integer >= 1, got {accumulate_grad_batches!r}"
+            )
         if gradient_clip_val is not None and gradient_clip_val <= 0:
             raise ValueError(f"gradient_clip_val must be > 0 or null, got {gradient_clip_val!r}")
         if len(adam_betas) != 2:
@@ -154,7 +156,9 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
 
     def get_input(self, batch: Mapping[str, Any]) -> torch.Tensor:
         if self.image_key not in batch:
-            raise KeyError(f"batch has no key {self.image_key!r} (keys: {sorted(batch)}); set model.params.image_key")
+            raise KeyError(
+                f"batch has no key {self.image_key!r} (keys: {sorted(batch)}); set model.params.image_key"
+            )
         x = batch[self.image_key]
         if x.dim() != 4 or x.shape[1] != self.encoder.conv_in.in_channels:
             raise ValueError(
@@ -226,7 +230,9 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
         self.manual_backward(loss / self.accumulate_grad_batches)
         if step:
             if self.gradient_clip_val is not None:
-                self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
+                self.clip_gradients(
+                    optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm"
+                )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
@@ -247,7 +253,9 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
         recon = None
 
         if update_ae:
-            self.toggle_optimizer(opt_ae)  # discriminator params get requires_grad=False: g_loss cannot move D
+            self.toggle_optimizer(
+                opt_ae
+            )  # discriminator params get requires_grad=False: g_loss cannot move D
             recon, posterior = self._reconstruct(x)
             loss, logs_g = self.loss.generator_loss(x, recon, posterior, it, self.get_last_layer(), "train")
             self._backward_and_step(opt_ae, loss, last_micro)
@@ -271,7 +279,9 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
         logs["train/iteration"] = torch.tensor(float(self._iteration))
         self.log_dict(logs, on_step=True, on_epoch=False, logger=True, batch_size=x.shape[0])
         if "train/total_loss" in logs:
-            self.log("train/loss", logs["train/total_loss"], prog_bar=True, logger=False, batch_size=x.shape[0])
+            self.log(
+                "train/loss", logs["train/total_loss"], prog_bar=True, logger=False, batch_size=x.shape[0]
+            )
 
     # ------------------------------------------------------------------ evaluation
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
@@ -281,7 +291,9 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
             recon = self.decode(posterior.mode())  # the mode: a deterministic, comparable val/rec_loss
         _, logs_g = self.loss.generator_loss(x, recon, posterior, self._iteration, None, "val")
         _, logs_d = self.loss.discriminator_loss(x, recon, self._iteration, "val")
-        self.log_dict({**logs_g, **logs_d}, on_step=False, on_epoch=True, sync_dist=True, batch_size=x.shape[0])
+        self.log_dict(
+            {**logs_g, **logs_d}, on_step=False, on_epoch=True, sync_dist=True, batch_size=x.shape[0]
+        )
 
     @torch.no_grad()
     def log_images(self, batch: Mapping[str, Any], N: int = 8) -> dict[str, torch.Tensor]:  # noqa: N803 (LDM's name)

@@ -52,7 +52,9 @@ class NLayerDiscriminator(nn.Module):
         use_actnorm: ActNorm instead of BatchNorm (then convs keep their bias).
     """
 
-    def __init__(self, input_nc: int = 3, ndf: int = 64, n_layers: int = 3, use_actnorm: bool = False) -> None:
+    def __init__(
+        self, input_nc: int = 3, ndf: int = 64, n_layers: int = 3, use_actnorm: bool = False
+    ) -> None:
         super().__init__()
         if n_layers < 1:
             raise ValueError(f"disc_num_layers must be >= 1, got {n_layers}")

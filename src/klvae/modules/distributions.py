@@ -15,7 +15,9 @@ class DiagonalGaussianDistribution:
 
     def __init__(self, parameters: torch.Tensor, deterministic: bool = False) -> None:
         if parameters.dim() != 4 or parameters.shape[1] % 2:
-            raise ValueError(f"moments must be (B, 2C, h, w) with an even channel count, got {tuple(parameters.shape)}")
+            raise ValueError(
+                f"moments must be (B, 2C, h, w) with an even channel count, got {tuple(parameters.shape)}"
+            )
         self.parameters = parameters
         self.mean, logvar = torch.chunk(parameters, 2, dim=1)
         # The clamp keeps exp() finite early in training when the encoder's logvar head is untrained.
@@ -29,7 +31,9 @@ class DiagonalGaussianDistribution:
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """Reparameterised draw mean + std·ε, (B, C, h, w)."""
-        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        noise = torch.randn(
+            self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype
+        )
         return self.mean + self.std * noise
 
     def mode(self) -> torch.Tensor:
@@ -43,7 +47,11 @@ class DiagonalGaussianDistribution:
         if other is None:
             return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=dims)
         return 0.5 * torch.sum(
-            (self.mean - other.mean).pow(2) / other.var + self.var / other.var - 1.0 - self.logvar + other.logvar,
+            (self.mean - other.mean).pow(2) / other.var
+            + self.var / other.var
+            - 1.0
+            - self.logvar
+            + other.logvar,
             dim=dims,
         )
 
@@ -52,4 +60,6 @@ class DiagonalGaussianDistribution:
         if self.deterministic:
             return torch.zeros(self.mean.shape[0], device=self.mean.device, dtype=self.mean.dtype)
         log_two_pi = 1.8378770664093453
-        return 0.5 * torch.sum(log_two_pi + self.logvar + (sample - self.mean).pow(2) / self.var, dim=[1, 2, 3])
+        return 0.5 * torch.sum(
+            log_two_pi + self.logvar + (sample - self.mean).pow(2) / self.var, dim=[1, 2, 3]
+        )

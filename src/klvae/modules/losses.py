@@ -88,11 +88,15 @@ class LPIPSWithDiscriminator(nn.Module):
         if pixel_loss not in ("l1", "l2"):
             raise ValueError(f"pixel_loss must be 'l1' or 'l2', got {pixel_loss!r}")
         if reduction not in ("sum", "mean"):
-            raise ValueError(f"reduction must be 'sum' (published models) or 'mean' (seed snippet), got {reduction!r}")
+            raise ValueError(
+                f"reduction must be 'sum' (published models) or 'mean' (seed snippet), got {reduction!r}"
+            )
         if disc_loss not in _D_LOSSES:
             raise ValueError(f"disc_loss must be one of {sorted(_D_LOSSES)}, got {disc_loss!r}")
         if not isinstance(disc_start, int) or disc_start < 0:
-            raise ValueError(f"disc_start must be a non-negative integer (training iterations), got {disc_start!r}")
+            raise ValueError(
+                f"disc_start must be a non-negative integer (training iterations), got {disc_start!r}"
+            )
         for name, value in [
             ("kl_weight", kl_weight),
             ("pixelloss_weight", pixelloss_weight),
@@ -156,7 +160,9 @@ class LPIPSWithDiscriminator(nn.Module):
         nll = total / torch.exp(self.logvar) + self.logvar
         return self._reduce(nll), rec, p_loss
 
-    def adaptive_weight(self, nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
+    def adaptive_weight(
+        self, nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor
+    ) -> torch.Tensor:
         """λ = clamp(‖∇_W nll‖ / (‖∇_W g‖ + 1e-4), 0, 1e4) · disc_weight, W the decoder's last conv weight."""
         nll_grads = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
         g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]

@@ -138,7 +138,9 @@ def validate_ddconfig(
             )
     factor = 2 ** (len(ch_mult) - 1)
     if resolution % factor:
-        raise ValueError(f"ddconfig.resolution={resolution} must be divisible by 2**(len(ch_mult)-1) = {factor}")
+        raise ValueError(
+            f"ddconfig.resolution={resolution} must be divisible by 2**(len(ch_mult)-1) = {factor}"
+        )
     if not isinstance(attn_resolutions, Sequence):
         raise ValueError(f"ddconfig.attn_resolutions must be a list of resolutions, got {attn_resolutions!r}")
     if not (isinstance(dropout, int | float) and 0.0 <= dropout < 1.0):

@@ -37,7 +37,9 @@ KL_F8_DDCONFIG: dict[str, Any] = {
 def build_codec_modules(ddconfig: Mapping[str, Any], embed_dim: int) -> dict[str, nn.Module]:
     """Encoder, Decoder, quant_conv and post_quant_conv for an LDM ``ddconfig`` and ``embed_dim``."""
     if not ddconfig.get("double_z", True):
-        raise ValueError("ddconfig.double_z must be true for a KL autoencoder (the encoder emits mean and logvar)")
+        raise ValueError(
+            "ddconfig.double_z must be true for a KL autoencoder (the encoder emits mean and logvar)"
+        )
     if not isinstance(embed_dim, int) or embed_dim <= 0:
         raise ValueError(f"embed_dim must be a positive integer, got {embed_dim!r}")
     z_channels = ddconfig["z_channels"]
