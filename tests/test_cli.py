@@ -31,6 +31,32 @@ def _offline_wandb(tmp_path, monkeypatch):
     monkeypatch.delenv("KLVAE_RUN_DIR", raising=False)
 
 
+def shard_config(tmp_path: Path, shards: list[list[dict]]) -> Path:
+    """Write webdataset shards and a copy of the tiny config whose data section streams them."""
+    from omegaconf import OmegaConf
+
+    from tests.data.conftest import write_shard
+
+    for i, samples in enumerate(shards):
+        write_shard(tmp_path / f"train-{i:06d}.tar", samples)
+    config = OmegaConf.load(TINY)
+    config.data = {
+        "target": "klvae.data.WebDataModule",
+        "params": {
+            "train": {"shards": f"{tmp_path}/train-{{000000..{len(shards) - 1:06d}}}.tar", "epoch_length": 8},
+            "size": 32, "batch_size": 2, "num_workers": 1, "shuffle_buffer": 0, "persistent_workers": False,
+        },
+    }  # fmt: skip
+    OmegaConf.save(config, tmp_path / "shards.yaml")
+    return tmp_path / "shards.yaml"
+
+
+def jpeg_samples(start: int, n: int) -> list[dict]:
+    from tests.data.conftest import encode, random_image
+
+    return [{"__key__": f"{i:04d}", "jpg": encode(random_image(i, 48, 48))} for i in range(start, start + n)]
+
+
 def test_train_writes_run_dir_and_weights_only_checkpoints(photos, tmp_path, caplog):
     caplog.set_level(logging.INFO)
     assert main(tiny_args(photos, tmp_path / "logs", "lightning.max_iterations=6")) == 0
@@ -148,9 +174,16 @@ def test_sigterm_mid_run_leaves_valid_checkpoint(photos, tmp_path):
     assert ckpt["klvae"]["iteration"] >= 2
 
 
-def test_ddp_two_cpu_processes_with_batchnorm_discriminator(photos, tmp_path):
-    args = tiny_args(photos, tmp_path / "logs", "lightning.max_iterations=6", "lightning.trainer.devices=2",
-                     "lightning.trainer.accelerator=cpu", "lightning.trainer.strategy=ddp")  # fmt: skip
+def test_ddp_two_cpu_processes_on_shards_with_batchnorm_discriminator(tmp_path):
+    # 4 shards: each of the 2 ranks reads its own 2, and both must run the same number of batches or
+    # the gloo collectives hang (the subprocess timeout turns a hang into a failure).
+    config = shard_config(tmp_path, [jpeg_samples(4 * i, 4) for i in range(4)])
+    args = [
+        "-b", str(config), "-t", "-l", str(tmp_path / "logs"), "--logger", "csv", "--no-test",
+        "lightning.max_iterations=6", "lightning.trainer.devices=2", "lightning.trainer.accelerator=cpu",
+        "lightning.trainer.strategy=ddp", "lightning.trainer.enable_progress_bar=false",
+        "lightning.val_every_n_iterations=null", "lightning.checkpoint.save_top_k=0",
+    ]  # fmt: skip
     env = subprocess_env(tmp_path)
     result = subprocess.run(
         [sys.executable, MAIN, *args], env=env, capture_output=True, text=True, timeout=240
@@ -158,31 +191,17 @@ def test_ddp_two_cpu_processes_with_batchnorm_discriminator(photos, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run = only_run_dir(tmp_path / "logs")  # both ranks used the same run directory
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
-    assert ckpt["klvae"]["iteration"] == 6
+    assert ckpt["klvae"]["iteration"] == 6  # disc_start=3: both GAN phases ran under DDP
     assert "* 2 (num_gpus)" in result.stdout + result.stderr
     assert os.path.exists(run / "checkpoints" / "iter_00000006.ckpt")
 
 
 def test_webdataset_run_skips_and_logs_corrupt_images(tmp_path):
-    from tests.data.conftest import encode as encode_image
-    from tests.data.conftest import random_image, write_shard
-
-    samples = [{"__key__": f"{i:04d}", "jpg": encode_image(random_image(i, 48, 48))} for i in range(7)]
+    samples = jpeg_samples(0, 7)
     samples.insert(3, {"__key__": "bad", "jpg": b"\xff\xd8 not a jpeg"})
-    write_shard(tmp_path / "train-000000.tar", samples)
-    from omegaconf import OmegaConf
-
-    config = OmegaConf.load(TINY)
-    config.data = {
-        "target": "klvae.data.WebDataModule",
-        "params": {
-            "train": {"shards": str(tmp_path / "train-000000.tar"), "epoch_length": 8},
-            "size": 32, "batch_size": 2, "num_workers": 1, "shuffle_buffer": 0, "persistent_workers": False,
-        },
-    }  # fmt: skip
-    OmegaConf.save(config, tmp_path / "shards.yaml")
+    config = shard_config(tmp_path, [samples])
     args = [
-        "-b", str(tmp_path / "shards.yaml"), "-t", "-l", str(tmp_path / "logs"), "--logger", "csv", "--no-test",
+        "-b", str(config), "-t", "-l", str(tmp_path / "logs"), "--logger", "csv", "--no-test",
         "lightning.max_iterations=4", "lightning.trainer.enable_progress_bar=false",
         "lightning.checkpoint.save_top_k=0",
     ]  # fmt: skip
@@ -190,3 +209,14 @@ def test_webdataset_run_skips_and_logs_corrupt_images(tmp_path):
     (metrics,) = only_run_dir(tmp_path / "logs").glob("csv/*/metrics.csv")
     rows = list(csv.DictReader(metrics.open()))
     assert max(float(r.get("data/skipped_corrupt_image") or 0) for r in rows) >= 1
+
+
+def test_configs_of_launches_in_the_same_second_are_kept_in_order(tmp_path):
+    from klvae.run_dir import RunDir, load_run_config, save_config
+
+    run = RunDir(tmp_path / "run")
+    run.make()
+    for value in (1, 2, 3):
+        save_config(run, {"lightning": {"max_iterations": value}}, "2026-01-01T00-00-00")
+    assert len(list(run.configs.glob("*-project.yaml"))) == 3
+    assert load_run_config(run).lightning.max_iterations == 3  # the last launch wins

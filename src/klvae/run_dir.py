@@ -134,8 +134,17 @@ def load_run_config(run: RunDir) -> DictConfig:
 
 
 def save_config(run: RunDir, config: DictConfig | Mapping[str, Any], now: str) -> Path:
-    """Write the merged config of this launch to ``configs/<now>-project.yaml`` (resolved)."""
+    """Write the merged config of this launch to ``configs/<now>-project.yaml`` (resolved).
+
+    Two launches within the same second (a quick resume) get ``<now>_1-project.yaml`` etc. (sorting after
+    the first, as load_run_config merges in sorted order): a launch's
+    record is never overwritten.
+    """
     path = run.configs / f"{now}-project.yaml"
+    n = 0
+    while path.exists():
+        n += 1
+        path = run.configs / f"{now}_{n}-project.yaml"
     OmegaConf.save(OmegaConf.create(to_container(config)), path)
     return path
 
