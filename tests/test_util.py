@@ -80,3 +80,55 @@ def test_load_config_invalid_yaml_names_file(tmp_path):
 def test_malformed_override_is_rejected(tmp_path):
     with pytest.raises(ConfigError, match="model.lr"):
         load_config([], ["model.lr"])
+
+
+def test_override_indexes_into_a_list_of_sources(tmp_path):
+    (tmp_path / "a.yaml").write_text(
+        "data:\n  params:\n    train:\n      sources:\n        - {shards: /old/a.tar, weight: 1.0}\n"
+        "        - {shards: /old/b.tar, weight: 2.0}\n"
+    )
+    cfg = load_config(
+        [tmp_path / "a.yaml"], ["data.params.train.sources.1.shards=/data/oi/train-{000000..004095}.tar"]
+    )
+    sources = to_container(cfg)["data"]["params"]["train"]["sources"]
+    assert sources == [
+        {"shards": "/old/a.tar", "weight": 1.0},
+        {"shards": "/data/oi/train-{000000..004095}.tar", "weight": 2.0},
+    ]
+
+
+def test_override_past_the_end_of_a_list_names_it(tmp_path):
+    (tmp_path / "a.yaml").write_text("data:\n  sources:\n    - {shards: a}\n")
+    with pytest.raises(ConfigError, match=r"data.sources.3.shards=b"):
+        load_config([tmp_path / "a.yaml"], ["data.sources.3.shards=b"])
+
+
+def test_override_values_are_typed_and_interpolations_kept(tmp_path):
+    (tmp_path / "a.yaml").write_text("x: 1\nmodel:\n  lr: 0.1\n")
+    cfg = load_config([tmp_path / "a.yaml"], ["model.lr=3e-4", "model.sizes=[1,2]", "model.ref=${x}"])
+    assert cfg.model.lr == 3e-4 and list(cfg.model.sizes) == [1, 2] and cfg.model.ref == 1
+    assert OmegaConf.to_container(cfg, resolve=False)["model"]["ref"] == "${x}"
+
+
+def test_overlay_with_another_target_replaces_the_block(tmp_path):
+    (tmp_path / "base.yaml").write_text(
+        "data:\n  target: klvae.data.WebDataModule\n  params:\n    train: {shards: a.tar, epoch_length: 10}\n"
+        "    size: 256\nmodel:\n  params: {embed_dim: 4}\n"
+    )
+    (tmp_path / "folder.yaml").write_text(
+        "data:\n  target: klvae.data.folder.ImageFolderDataModule\n  params:\n    train_dir: /imgs\n"
+        "model:\n  params: {ema_decay: 0.999}\n"
+    )
+    cfg = to_container(load_config([tmp_path / "base.yaml", tmp_path / "folder.yaml"]))
+    assert cfg["data"] == {
+        "target": "klvae.data.folder.ImageFolderDataModule",
+        "params": {"train_dir": "/imgs"},
+    }
+    assert cfg["model"]["params"] == {"embed_dim": 4, "ema_decay": 0.999}  # same (no) target: merged
+
+
+def test_overlay_with_the_same_target_merges(tmp_path):
+    (tmp_path / "a.yaml").write_text("data:\n  target: m.A\n  params: {size: 256, batch_size: 12}\n")
+    (tmp_path / "b.yaml").write_text("data:\n  target: m.A\n  params: {batch_size: 4}\n")
+    cfg = to_container(load_config([tmp_path / "a.yaml", tmp_path / "b.yaml"]))
+    assert cfg["data"]["params"] == {"size": 256, "batch_size": 4}

@@ -49,8 +49,11 @@ class ModuleEMA(nn.Module):
     @torch.no_grad()
     def update(self, modules: Mapping[str, nn.Module]) -> None:
         decay = self.current_decay()
-        shadow, live = self._pairs(modules)
-        torch._foreach_lerp_(shadow, [p.detach() for p in live], 1.0 - decay)
+        # Frozen parameters (train_decoder_only's encoder) keep their shadow exactly as loaded: nothing
+        # trains them, so the average must not drift toward anything.
+        pairs = [(s, p) for s, p in zip(*self._pairs(modules), strict=True) if p.requires_grad]
+        if pairs:
+            torch._foreach_lerp_([s for s, _ in pairs], [p.detach() for _, p in pairs], 1.0 - decay)
         self.num_updates += 1
 
     @torch.no_grad()

@@ -23,6 +23,7 @@ __all__ = [
     "lpips_distance",
     "psnr",
     "quantize",
+    "reconstruction_scores",
     "resize_bilinear_tf1",
     "ssim",
     "to_unit",
@@ -105,6 +106,32 @@ def lpips_distance(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> 
     """VGG-LPIPS per image for images in [-1, 1] (B, 3, H, W), with ``model`` from
     :func:`klvae.modules.perceptual.load_lpips`. Returns (B,) float64."""
     return model(x.float(), y.float()).flatten().double()
+
+
+def reconstruction_scores(
+    x: torch.Tensor,
+    recon: torch.Tensor,
+    lpips_model: torch.nn.Module | None = None,
+    quantize_output: bool = True,
+) -> dict[str, torch.Tensor]:
+    """PSNR, SSIM and (with ``lpips_model``) LPIPS per image of a reconstruction, as ``klvae-eval`` scores it.
+
+    Args:
+        x: inputs (B, 3, H, W) in [-1, 1].
+        recon: reconstructions of the same shape, roughly in [-1, 1] (clamped here).
+        lpips_model: VGG-LPIPS (:func:`klvae.modules.perceptual.load_lpips`) or None to skip LPIPS.
+        quantize_output: round reconstructions to 8 bits first, as if saved as PNG.
+
+    Returns:
+        ``{"psnr", "ssim"[, "lpips"]}``, each (B,) float64.
+    """
+    x01, r01 = to_unit(x), to_unit(recon)
+    if quantize_output:
+        r01 = quantize(r01)
+    scores = {"psnr": psnr(x01, r01), "ssim": ssim(x01, r01)}
+    if lpips_model is not None:
+        scores["lpips"] = lpips_distance(lpips_model, x01 * 2 - 1, r01 * 2 - 1)
+    return scores
 
 
 def resize_bilinear_tf1(x: torch.Tensor, size: int) -> torch.Tensor:

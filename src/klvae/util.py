@@ -115,26 +115,63 @@ def instantiate_from_config(config: Mapping[str, Any] | DictConfig, **extra: Any
     return obj(**params)
 
 
+def _merge_blocks(base: Any, overlay: Any) -> Any:
+    """Merge plain containers: mappings key by key, anything else (lists, scalars) replaced by the overlay.
+
+    A ``{target, params}`` block whose ``target`` changes is replaced whole, not merged: switching
+    ``data.target`` from a shard module to a folder module must not keep the shard module's params.
+    """
+    if not (isinstance(base, dict) and isinstance(overlay, dict)):
+        return overlay
+    if "target" in base and "target" in overlay and base["target"] != overlay["target"]:
+        return overlay
+    merged = dict(base)
+    for key, value in overlay.items():
+        merged[key] = _merge_blocks(base[key], value) if key in base else value
+    return merged
+
+
+def _parse_override_value(item: str, value: str) -> Any:
+    """The YAML value of one ``key=value`` override, as OmegaConf's dotlist parser reads it."""
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist([f"value={value}"]), resolve=False)["value"]
+    except Exception as e:
+        raise ConfigError(f"override {item!r}: cannot parse the value {value!r}: {e}") from e
+
+
 def load_config(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> DictConfig:
     """Load several YAML files merged left to right, then apply ``key.path=value`` dotlist overrides.
 
+    Merging follows OmegaConf's rules (mappings merge, lists are replaced) with one difference: a block
+    whose ``target`` differs from the one it lands on replaces it (an overlay that switches the data
+    module drops the old module's params). Override keys may index into lists
+    (``data.params.train.sources.0.shards=...``); interpolations (``${...}``) stay unresolved.
+
     Raises:
-        ConfigError: a file that does not exist or does not parse; a malformed override.
+        ConfigError: a file that does not exist or does not parse; a malformed override or one that
+            indexes past the end of a list.
     """
-    configs = []
+    merged: Any = {}
     for path in paths:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
-            configs.append(OmegaConf.load(path))
+            loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
         except Exception as e:  # yaml.YAMLError and friends: point at the file
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping, got {type(loaded).__name__}")
+        merged = _merge_blocks(merged, loaded)
+    config = OmegaConf.create(merged)
     for item in overrides:
-        if "=" not in item:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
             raise ConfigError(f"override {item!r} is not of the form key.path=value")
-    try:
-        configs.append(OmegaConf.from_dotlist(list(overrides)))
-    except Exception as e:
-        raise ConfigError(f"cannot parse overrides {list(overrides)}: {e}") from e
-    return OmegaConf.merge(*configs) if configs else OmegaConf.create()
+        try:
+            OmegaConf.update(
+                config, key.strip(), _parse_override_value(item, value), merge=True, force_add=True
+            )
+        except Exception as e:  # an index past a list's end, a key into a scalar, ...
+            raise ConfigError(f"cannot apply override {item!r}: {e}".rstrip()) from e
+    return config

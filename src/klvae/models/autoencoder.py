@@ -17,6 +17,9 @@ import pytorch_lightning as pl
 import torch
 
 from klvae.ema import ModuleEMA
+from klvae.loading import VAEWeights, read_vae_weights
+from klvae.lr_schedule import LRSchedule
+from klvae.metrics import reconstruction_scores
 from klvae.modules.vae import KLCodec, build_codec_modules
 from klvae.perf.apply import apply_runtime_optimizations, make_adam
 from klvae.perf.options import parse_optimizations
@@ -37,7 +40,8 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
     ``loss.*``), plus ``ema.*`` when EMA is on.
 
     Args:
-        ddconfig: network config in LDM's vocabulary (see :class:`klvae.modules.model.Encoder`).
+        ddconfig: network config in LDM's vocabulary (see :class:`klvae.modules.model.Encoder`); None
+            reads it from ``ckpt_path`` (fine-tunes: the network is whatever the checkpoint holds).
         lossconfig: ``{target, params}`` of the loss, normally
             :class:`klvae.modules.losses.LPIPSWithDiscriminator`.
         embed_dim: posterior channels (4).
@@ -50,10 +54,16 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
         gradient_clip_val: clip each optimizer's gradient norm to this value (None: off).
         ema_decay: keep an EMA of the autoencoder weights, used for validation, images and export.
         train_decoder_only: freeze encoder and quant_conv (the sd-vae-ft recipe).
-        ckpt_path: warm start from an LDM/SD/klvae checkpoint (``first_stage_model.`` prefix handled).
+        ckpt_path: warm start from an LDM/SD/klvae checkpoint, a klvae export or diffusers weights
+            (``first_stage_model.`` prefix handled). A given ``ddconfig`` is checked against it.
+        ckpt_use_ema: for a klvae run checkpoint with EMA weights: None (default) starts from its EMA
+            weights (what ``klvae-export`` wrote), False from its live weights, True requires EMA weights.
         ignore_keys: key prefixes to drop from ``ckpt_path`` (e.g. ``["loss.discriminator"]``).
         image_key: batch key of the images, (B, 3, H, W) float in [-1, 1].
         monitor: metric for best-checkpoint selection.
+        lr_schedule: learning-rate warm-up and decay for both optimizers, counted in iterations, e.g.
+            ``{warmup_iterations: 1000, decay: cosine, total_iterations: 250000}``; keys in
+            :class:`klvae.lr_schedule.LRSchedule`. None: constant (LDM).
         optimizations: speed/memory switches (torch.compile, fused Adam, channels_last, LPIPS target
             without autograd, gradient checkpointing, cudnn.benchmark); keys and defaults in
             :class:`klvae.perf.options.Optimizations`, an unknown key is a ``ValueError``.
@@ -61,7 +71,7 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
 
     def __init__(
         self,
-        ddconfig: Mapping[str, Any],
+        ddconfig: Mapping[str, Any] | None,
         lossconfig: Mapping[str, Any],
         embed_dim: int,
         learning_rate: float = 4.5e-6,
@@ -73,10 +83,12 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
         ema_decay: float | None = None,
         train_decoder_only: bool = False,
         ckpt_path: str | None = None,
+        ckpt_use_ema: bool | None = None,
         ignore_keys: Sequence[str] = (),
         image_key: str = "image",
         monitor: str | None = "val/rec_loss",
         optimizations: Mapping[str, Any] | None = None,
+        lr_schedule: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if update_schedule not in _SCHEDULES:
@@ -89,7 +101,23 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
             raise ValueError(f"gradient_clip_val must be > 0 or null, got {gradient_clip_val!r}")
         if len(adam_betas) != 2:
             raise ValueError(f"adam_betas must be two numbers, got {adam_betas!r}")
-        ddconfig, lossconfig = to_container(ddconfig), to_container(lossconfig)
+        lossconfig = to_container(lossconfig)
+        self.lr_schedule = LRSchedule.from_config(to_container(lr_schedule))
+        warm_start = None
+        if ckpt_path is not None:  # a given ddconfig skips shape inference (checked against the file below)
+            given = to_container(ddconfig) if ddconfig is not None else None
+            warm_start = read_vae_weights(ckpt_path, ddconfig=given, use_ema=ckpt_use_ema)
+            if ckpt_use_ema and not warm_start.used_ema:
+                raise ValueError(
+                    f"ckpt_use_ema is true but {ckpt_path} ({warm_start.source_format}) has no EMA weights; "
+                    "set model.params.ckpt_use_ema to null (EMA when present) or false"
+                )
+        if ddconfig is None:
+            if warm_start is None:
+                raise ValueError("ddconfig is null: give the network config, or a ckpt_path to read it from")
+            ddconfig = warm_start.ddconfig
+            log.info("network read from %s: ddconfig=%s", ckpt_path, ddconfig)
+        ddconfig = to_container(ddconfig)
         opts = None if optimizations is None else to_container(optimizations)
         self.optimizations = parse_optimizations(opts)
         # Plain containers only: a DictConfig in hparams would break torch.load(weights_only=True).
@@ -109,6 +137,7 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
                 "image_key": image_key,
                 "monitor": monitor,
                 "optimizations": self.optimizations.to_dict(),
+                "lr_schedule": to_container(lr_schedule),
             }
         )
         self.automatic_optimization = False  # two optimizers: Lightning 2 has no optimizer_idx
@@ -132,8 +161,8 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
             self.loss.lpips_target_no_grad = self.optimizations.lpips_target_no_grad
         self._runtime_optimized = False
         self.ema = ModuleEMA(self._codec_modules(), decay=ema_decay) if ema_decay is not None else None
-        if ckpt_path is not None:
-            self.init_from_ckpt(ckpt_path, ignore_keys)
+        if warm_start is not None:
+            self.init_from_ckpt(str(ckpt_path), ignore_keys, warm_start)
         if train_decoder_only:
             self.encoder.requires_grad_(False)
             self.quant_conv.requires_grad_(False)
@@ -173,25 +202,64 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
         with self.ema.swapped(self._codec_modules()) if self.ema is not None else nullcontext():
             yield
 
-    def init_from_ckpt(self, path: str, ignore_keys: Sequence[str] = ()) -> None:
-        """Warm start from an LDM/SD/klvae checkpoint; every network tensor must be present."""
-        state = select_first_stage(read_state_dict(path), ignore_keys)
-        missing, unexpected = self.load_state_dict(state, strict=False)
+    def init_from_ckpt(
+        self, path: str, ignore_keys: Sequence[str] = (), weights: VAEWeights | None = None
+    ) -> None:
+        """Warm start from an LDM/SD/klvae checkpoint; every network tensor must be present and fit.
+
+        The network comes from :func:`klvae.loading.read_vae_weights` (``weights`` when the caller has
+        read it already; a klvae run's EMA weights when it has them, see ``ckpt_use_ema``); ``loss.*``
+        tensors (LDM's discriminator and logvar) from the file itself. The EMA, when on, starts from the
+        loaded weights: a fine-tune averages from where it starts.
+        """
+        weights = weights if weights is not None else read_vae_weights(path)
+        ignore = tuple(ignore_keys)
+        network = {k: v for k, v in weights.state_dict.items() if not (ignore and k.startswith(ignore))}
+        self._check_network_fits(path, weights, network)
+        loss_state = {}
+        if weights.source_format != "diffusers":
+            raw = select_first_stage(read_state_dict(path), ignore)
+            loss_state = {k: v for k, v in raw.items() if k.startswith("loss.")}
+        missing, unexpected = self.load_state_dict({**network, **loss_state}, strict=False)
         missing_net = [k for k in missing if k.startswith(NETWORK_PREFIXES)]
         if missing_net:
             raise ValueError(
                 f"{path} lacks {len(missing_net)} autoencoder tensors (first: {missing_net[:5]}); it is not an "
                 "LDM/SD kl-f8 checkpoint for this ddconfig"
             )
-        if self.ema is not None and not any(k.startswith("ema.") for k in state):
+        if self.ema is not None:
             self.ema.copy_from(self._codec_modules())
         log.info(
-            "warm start from %s: %d tensors loaded; not in file: %s; ignored from file: %s",
+            "warm start from %s (%s%s): %d tensors loaded; not in file: %s; ignored from file: %s",
             path,
-            len(state) - len(unexpected),
-            sorted({k.split(".")[0] + "." + k.split(".")[1] for k in missing}) or "none",
+            weights.source_format,
+            ", EMA weights" if weights.used_ema else "",
+            len(network) + len(loss_state) - len(unexpected),
+            sorted({".".join(k.split(".")[:2]) for k in missing if not k.startswith("ema.")}) or "none",
             unexpected[:10] or "none",
         )
+
+    def _check_network_fits(
+        self, path: str, weights: VAEWeights, network: Mapping[str, torch.Tensor]
+    ) -> None:
+        """A clear error when the configured network is not the checkpoint's (instead of a size mismatch)."""
+        own = self.state_dict()
+        wrong = [
+            f"{k}: file {tuple(v.shape)} vs config {tuple(own[k].shape)}"
+            for k, v in network.items()
+            if k in own and v.shape != own[k].shape
+        ]
+        if wrong or weights.embed_dim != self.embed_dim:
+            try:
+                actual: Any = read_vae_weights(path).ddconfig  # what the file's shapes say
+            except ValueError as e:
+                actual = f"not inferable ({e})"
+            raise ValueError(
+                f"{path} holds a different network than model.params.ddconfig/embed_dim "
+                f"({len(wrong)} shape mismatches, first: {wrong[:3]}; file embed_dim {weights.embed_dim}, "
+                f"config {self.embed_dim}). The file's network is ddconfig={actual}. Set "
+                "model.params.ddconfig to null to take the checkpoint's network, or fix it."
+            )
 
     # ------------------------------------------------------------------ optimisation
     def _trainable_codec_parameters(self) -> list[torch.nn.Parameter]:
@@ -208,7 +276,32 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
         fused = self.optimizations.fused_adam_on(self.device)  # the model is on its device by now
         opt_ae = make_adam(self._trainable_codec_parameters(), self.lr_g_factor * lr, self.adam_betas, fused)
         opt_disc = make_adam(self.loss.discriminator.parameters(), lr, self.adam_betas, fused)
+        for optimizer in (opt_ae, opt_disc):
+            for group in optimizer.param_groups:  # the base of the schedule; saved with the optimizer state
+                group.setdefault("initial_lr", group["lr"])
         return [opt_ae, opt_disc]
+
+    def apply_lr_schedule(self) -> None:
+        """Set both optimizers' lr for the coming iteration: ``initial_lr · lr_schedule.factor(iteration)``.
+
+        Called from :meth:`on_train_start` (so a resumed run continues on its curve) and after every batch
+        (:meth:`on_train_batch_end`, once ``training_step`` has advanced :attr:`iteration`).
+        """
+        if self.lr_schedule.is_constant:
+            return
+        factor = self.lr_schedule.factor(self._iteration)
+        for optimizer in self.optimizers():
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * factor
+
+    def on_train_start(self) -> None:
+        self.apply_lr_schedule()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.apply_lr_schedule()
+        if not self.lr_schedule.is_constant:
+            lr = self.optimizers()[0].param_groups[0]["lr"]
+            self.log("train/lr", lr, on_step=True, on_epoch=False, logger=True, batch_size=1)
 
     def on_fit_start(self) -> None:
         # Here, not in __init__: compile/cudnn choices depend on the device the Trainer picked.
@@ -291,8 +384,17 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
             recon = self.decode(posterior.mode())  # the mode: a deterministic, comparable val/rec_loss
         _, logs_g = self.loss.generator_loss(x, recon, posterior, self._iteration, None, "val")
         _, logs_d = self.loss.discriminator_loss(x, recon, self._iteration, "val")
+        # Familiar units, scored as klvae-eval does (8-bit reconstructions); LPIPS with the loss's VGG-LPIPS
+        # when it has one (perceptual_weight > 0), on the same images.
+        lpips_model = getattr(self.loss, "perceptual_loss", None)
+        scores = reconstruction_scores(x, recon, lpips_model)
+        metrics = {f"val/{name}": values.float().mean() for name, values in scores.items()}
         self.log_dict(
-            {**logs_g, **logs_d}, on_step=False, on_epoch=True, sync_dist=True, batch_size=x.shape[0]
+            {**logs_g, **logs_d, **metrics},
+            on_step=False,
+            on_epoch=True,
+            sync_dist=True,
+            batch_size=x.shape[0],
         )
 
     @torch.no_grad()
