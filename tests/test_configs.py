@@ -23,7 +23,8 @@ def test_shipped_config_builds(path, tiny_ddconfig):
     if "model" in cfg:
         params = cfg.model.params
         # Full size would work too; tiny keeps the test fast. Weights are not needed for the structure.
-        params.ddconfig = OmegaConf.merge(params.ddconfig, tiny_ddconfig)
+        # (a null ddconfig, read from ckpt_path in the fine-tune recipe, gets the tiny one)
+        params.ddconfig = OmegaConf.merge(params.ddconfig or {}, tiny_ddconfig)
         params.lossconfig.params.perceptual_backbone = "random"
         if "ckpt_path" in params.keys():  # noqa: SIM118 (`in` skips a mandatory `???`, as in the fine-tune recipe)
             params.ckpt_path = None
@@ -55,3 +56,35 @@ def test_ldm_recipe_values():
     assert cfg.model.params.update_schedule == "every_batch"
     assert cfg.model.params.accumulate_grad_batches == 2
     assert cfg.model.base_learning_rate == 4.5e-6
+
+
+def test_every_shipped_recipe_points_at_data_from_the_command_line():
+    """The short path (one-source ``train.shards``) and list-index overrides, as the README shows them."""
+    for name in ("autoencoder_kl_f8.yaml", "finetune_sd_vae_decoder.yaml"):
+        cfg = load_config(
+            [CONFIGS[0].parent / name],
+            [
+                "data.params.train.shards=/d/train-{000000..000009}.tar",
+                "data.params.validation.shards=/d/val.tar",
+            ],
+        )
+        assert cfg.data.params.train.shards == "/d/train-{000000..000009}.tar"
+        assert cfg.data.params.validation.shards == "/d/val.tar"
+
+
+def test_folder_overlay_replaces_the_shard_data_block():
+    cfg = load_config(
+        [CONFIGS[0].parent / "autoencoder_kl_f8.yaml", CONFIGS[0].parent / "autoencoder_kl_f8_folder.yaml"],
+        ["data.params.train_dir=/imgs", "data.params.val_dir=null"],
+    )
+    data = to_container(cfg.data)
+    assert data["target"] == "klvae.data.folder.ImageFolderDataModule"
+    assert "train" not in data["params"] and "shuffle_buffer" not in data["params"]
+    module = instantiate_from_config(data)
+    assert module.train_dir == "/imgs" and module.val_dir is None
+    assert cfg.model.params.ddconfig.ch == 128  # the model block is untouched
+
+
+def test_finetune_recipe_reads_the_network_from_the_checkpoint():
+    cfg = load_config([CONFIGS[0].parent / "finetune_sd_vae_decoder.yaml"])
+    assert cfg.model.params.ddconfig is None and cfg.model.params.ckpt_use_ema is None
