@@ -15,6 +15,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import WandbLogger
 
 from klvae.callbacks.checkpointing import iteration_of
+from klvae.data.folder import list_images
 
 __all__ = ["ImageLogger", "make_grid", "image_schedule_hit"]
 
@@ -64,6 +65,10 @@ class ImageLogger(Callback):
         max_images: images per key (the ``N`` passed to ``log_images``).
         dense_start: also log at iterations 1, 2, 4, 8, ... (early progress is the interesting part).
         log_validation: log the first validation batch of each validation run.
+        val_image_dir: a folder of your own images (searched recursively), reconstructed at their native
+            resolution (cropped to multiples of 8) at the end of every validation run, one image at a time,
+            and written as ``<image_dir>/val_folder/<name>_it<iteration>.png`` (input | reconstruction)
+            and to W&B under ``val_folder/<name>``. None: off.
     """
 
     def __init__(
@@ -73,6 +78,7 @@ class ImageLogger(Callback):
         max_images: int = 8,
         dense_start: bool = True,
         log_validation: bool = True,
+        val_image_dir: str | os.PathLike | None = None,
     ) -> None:
         if not isinstance(every_n_iterations, int) or every_n_iterations < 0:
             raise ValueError(
@@ -85,6 +91,7 @@ class ImageLogger(Callback):
         self.max_images = max_images
         self.dense_start = dense_start
         self.log_validation = log_validation
+        self.val_images = None if val_image_dir is None else list_images(val_image_dir)  # fails if empty
         self._last_logged: int | None = None
         self.written: list[Path] = []
 
@@ -144,3 +151,39 @@ class ImageLogger(Callback):
     ) -> None:
         if self.log_validation and batch_idx == 0 and not trainer.sanity_checking:
             self._log(trainer, pl_module, batch, "val")
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.val_images is None or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        it = iteration_of(pl_module)
+        out = self.image_dir / "val_folder"
+        out.mkdir(parents=True, exist_ok=True)
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            for path in self.val_images:
+                x = _native_image(path).to(pl_module.device)  # (1, 3, H, W), H and W multiples of 8
+                with torch.no_grad():
+                    images = pl_module.log_images({getattr(pl_module, "image_key", "image"): x}, N=1)
+                pair = make_grid(torch.cat([images["inputs"], images["reconstructions"]]), nrow=2)
+                Image.fromarray(pair).save(out / f"{path.stem}_it{it:08d}.png")
+                for logger in trainer.loggers:
+                    if isinstance(logger, WandbLogger):
+                        logger.log_image(
+                            key=f"val_folder/{path.stem}", images=[pair], step=trainer.global_step,
+                            caption=[f"input | reconstruction (iteration {it})"],
+                        )  # fmt: skip
+        finally:
+            pl_module.train(was_training)
+
+
+def _native_image(path: Path) -> torch.Tensor:
+    """An image file as (1, 3, H, W) in [-1, 1], centre-cropped to multiples of 8 (f = 8), not resized."""
+    with Image.open(path) as img:
+        rgb = np.asarray(img.convert("RGB"))
+    h, w = rgb.shape[0] // 8 * 8, rgb.shape[1] // 8 * 8
+    if h == 0 or w == 0:
+        raise ValueError(f"validation image {path} is smaller than 8 px")
+    top, left = (rgb.shape[0] - h) // 2, (rgb.shape[1] - w) // 2
+    crop = torch.from_numpy(rgb[top : top + h, left : left + w].copy()).permute(2, 0, 1)
+    return crop[None].float() / 127.5 - 1.0

@@ -298,10 +298,7 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
         self.apply_lr_schedule()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.apply_lr_schedule()
-        if not self.lr_schedule.is_constant:
-            lr = self.optimizers()[0].param_groups[0]["lr"]
-            self.log("train/lr", lr, on_step=True, on_epoch=False, logger=True, batch_size=1)
+        self.apply_lr_schedule()  # ThroughputMonitor logs the result as lr/ae and lr/disc
 
     def on_fit_start(self) -> None:
         # Here, not in __init__: compile/cudnn choices depend on the device the Trainer picked.
