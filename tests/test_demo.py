@@ -24,8 +24,9 @@ def test_demo_trains_and_reports_psnr(tmp_path):
     result = subprocess.run(cmd, env=subprocess_env(tmp_path), capture_output=True, text=True, timeout=900)
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-3000:]
-    psnr = float(re.search(r"validation PSNR ([\d.]+) dB", out).group(1))
-    assert 5.0 < psnr < 60.0
+    found = re.search(r"validation PSNR ([\d.]+) dB vs ([\d.]+) dB for the baseline", out)
+    psnr, baseline = float(found.group(1)), float(found.group(2))
+    assert 5.0 < psnr < 60.0 and 15.0 < baseline < 30.0  # 20 iterations: not yet better than the baseline
     (run,) = (tmp_path / "logs").iterdir()
     assert (run / "reconstructions.png").is_file()
     assert (run / "checkpoints" / "last.ckpt").is_file()
