@@ -132,3 +132,10 @@ def test_overlay_with_the_same_target_merges(tmp_path):
     (tmp_path / "b.yaml").write_text("data:\n  target: m.A\n  params: {batch_size: 4}\n")
     cfg = to_container(load_config([tmp_path / "a.yaml", tmp_path / "b.yaml"]))
     assert cfg["data"]["params"] == {"size": 256, "batch_size": 4}
+
+
+def test_overrides_apply_on_top_of_a_base_config(tmp_path):
+    """A resumed run: its saved config is the base, so overrides may index its lists."""
+    saved = OmegaConf.create({"data": {"params": {"train": {"sources": [{"shards": "a.tar"}]}}}, "x": 1})
+    cfg = load_config([], ["data.params.train.sources.0.shards=b.tar", "x=2"], base=saved)
+    assert to_container(cfg) == {"data": {"params": {"train": {"sources": [{"shards": "b.tar"}]}}}, "x": 2}

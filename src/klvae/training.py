@@ -87,11 +87,12 @@ def _merge_configs(args: argparse.Namespace) -> tuple[DictConfig, RunDir | None,
             rank_zero_only(log.info)(f"SLURM requeue: resuming {run.root}")
     if not args.base and run is None:
         raise ConfigError("no config given: pass -b/--base CONFIG.yaml (or -r RUN_DIR to resume a run)")
-    user = load_config(args.base, args.overrides)
     if run is None:
-        return user, None, ckpt
+        return load_config(args.base, args.overrides), None, ckpt
     previous = load_run_config(run)
-    merged = OmegaConf.merge(previous, user)
+    # Overrides apply to the run's config (so they may index its lists); a -b file that switches a target
+    # replaces that block.
+    merged = load_config(args.base, args.overrides, base=previous)
     diff = config_diff(previous, merged)
     if diff:
         rank_zero_only(log.info)(

@@ -139,7 +139,9 @@ def _parse_override_value(item: str, value: str) -> Any:
         raise ConfigError(f"override {item!r}: cannot parse the value {value!r}: {e}") from e
 
 
-def load_config(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> DictConfig:
+def load_config(
+    paths: Sequence[str | Path], overrides: Sequence[str] = (), base: DictConfig | None = None
+) -> DictConfig:
     """Load several YAML files merged left to right, then apply ``key.path=value`` dotlist overrides.
 
     Merging follows OmegaConf's rules (mappings merge, lists are replaced) with one difference: a block
@@ -147,11 +149,16 @@ def load_config(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> D
     module drops the old module's params). Override keys may index into lists
     (``data.params.train.sources.0.shards=...``); interpolations (``${...}``) stay unresolved.
 
+    Args:
+        paths: YAML files, merged left to right.
+        overrides: ``key.path=value`` strings, applied last.
+        base: a config to start from (a resumed run's saved config), merged under the files.
+
     Raises:
         ConfigError: a file that does not exist or does not parse; a malformed override or one that
             indexes past the end of a list.
     """
-    merged: Any = {}
+    merged: Any = {} if base is None else OmegaConf.to_container(base, resolve=False)
     for path in paths:
         path = Path(path)
         if not path.is_file():
