@@ -77,7 +77,7 @@ def evaluate(run: Path, size: int) -> dict[str, dict[str, float]]:
     data = instantiate_from_config(config.data)
     data.setup("validate")
     scores: dict[str, list[torch.Tensor]] = {"vae": [], "baseline": []}
-    rows = []
+    rows, names = [], []
     for batch in data.val_dataloader():
         x = batch["image"]  # (B, 3, size, size) in [-1, 1]
         with model.ema_scope():
@@ -86,6 +86,7 @@ def evaluate(run: Path, size: int) -> dict[str, dict[str, float]]:
         for name, y in (("vae", recon), ("baseline", baseline)):
             scores[name].append(reconstruction_scores(x, y))
         rows.append(torch.stack([x, recon.clamp(-1, 1), baseline], dim=1).flatten(0, 1))
+        names += [f"grid row {len(names) + i + 1}" for i in range(len(x))]
     result = {
         name: {k: torch.cat([b[k] for b in batches]).mean().item() for k in batches[0]}
         for name, batches in scores.items()
@@ -96,6 +97,8 @@ def evaluate(run: Path, size: int) -> dict[str, dict[str, float]]:
         ).sum()
     )
     result["vae"]["photos"] = sum(len(b["psnr"]) for b in scores["vae"])
+    vae_psnr, base_psnr = (torch.cat([b["psnr"] for b in scores[n]]).tolist() for n in ("vae", "baseline"))
+    result["per_photo"] = dict(zip(names, zip(vae_psnr, base_psnr, strict=True), strict=True))
     grid = make_grid(torch.cat(rows), nrow=3)  # one photo per row: input | reconstruction | baseline
     Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(
         run / "reconstructions.png"
@@ -141,6 +144,8 @@ def main() -> int:
     log.info("held-out photos (%d, whole, %d px)     PSNR dB   SSIM", vae["photos"], args.eval_size)
     log.info("  demo VAE (EMA weights, posterior mode)  %6.2f   %.3f", vae["psnr"], vae["ssim"])
     log.info("  8x box downsample + bilinear upsample   %6.2f   %.3f", base["psnr"], base["ssim"])
+    for name, (v, b) in result["per_photo"].items():
+        log.info("    %-12s VAE %6.2f dB, baseline %6.2f dB", name, v, b)
     log.info(
         "validation PSNR %.2f dB vs %.2f dB for the baseline (%+.2f dB; the VAE wins on %d of %d photos); "
         "demo took %.0f s",
