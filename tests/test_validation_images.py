@@ -34,6 +34,9 @@ def test_empty_val_image_folder_is_an_error_naming_it(tmp_path):
 def test_val_image_dir_is_a_lightning_image_logger_option(tmp_path):
     from klvae.trainer_setup import plan_trainer
 
-    lightning = {"max_iterations": 2, "image_logger": {"every_n_iterations": 1, "val_image_dir": str(tmp_path)}}
+    lightning = {
+        "max_iterations": 2,
+        "image_logger": {"every_n_iterations": 1, "val_image_dir": str(tmp_path)},
+    }
     plan = plan_trainer(lightning, gpus=None, num_nodes=None, precision=None, accumulate=1)
     assert plan.image_logger["val_image_dir"] == str(tmp_path)
