@@ -138,7 +138,8 @@ def test_gradient_clipping_bounds_the_norm_seen_by_the_optimizer(tiny_ddconfig, 
                 ]
                 norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
 
-            trainer.optimizers[0].register_step_pre_hook(record)
+            # after the step: clipping happens inside optimizer.step() (on_before_optimizer_step)
+            trainer.optimizers[0].register_step_post_hook(record)
 
     fit(model, 2, [Hook()])
     assert len(norms) == 2 and all(n <= 1e-3 * (1 + 1e-4) for n in norms)
