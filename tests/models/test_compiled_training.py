@@ -93,13 +93,18 @@ class RecordLosses(pl.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         keep = ("train/total_loss", "train/d_weight", "train/g_loss", "train/disc_loss", "train/p_loss")
-        self.rows.append({k: trainer.callback_metrics[k].item() for k in keep if k in trainer.callback_metrics})
+        self.rows.append(
+            {k: trainer.callback_metrics[k].item() for k in keep if k in trainer.callback_metrics}
+        )
 
 
 @pytest.mark.parametrize("schedule", ["alternate", "every_batch"])
 def test_compiled_step_losses_equal_eager(tiny_ddconfig, tiny_lossconfig, schedule):
     tiny_lossconfig["params"]["disc_start"] = 1
-    data = [{"image": torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)) * 2 - 1} for i in range(4)]
+    data = [
+        {"image": torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)) * 2 - 1}
+        for i in range(4)
+    ]
     runs = []
     for compiled in (False, True):
         torch._dynamo.reset()

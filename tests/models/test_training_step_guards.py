@@ -15,8 +15,12 @@ from tests.models.test_autoencoder import MovedParameters, make_model
 
 def fit(model: AutoencoderKL, data: list[dict], callbacks=(), precision: str = "32-true") -> pl.Trainer:
     kwargs = {"precision": precision}
-    if precision == "16-mixed":  # Lightning maps 16-mixed to bf16 on CPU; its plugin with a real scaler does not
-        kwargs = {"plugins": [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=16.0))]}
+    if (
+        precision == "16-mixed"
+    ):  # Lightning maps 16-mixed to bf16 on CPU; its plugin with a real scaler does not
+        kwargs = {
+            "plugins": [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=16.0))]
+        }
     trainer = pl.Trainer(accelerator="cpu", max_epochs=1, limit_val_batches=0, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0, callbacks=list(callbacks), **kwargs)  # fmt: skip
@@ -25,7 +29,10 @@ def fit(model: AutoencoderKL, data: list[dict], callbacks=(), precision: str = "
 
 
 def images(n: int) -> list[dict]:
-    return [{"image": torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)) * 2 - 1} for i in range(n)]
+    return [
+        {"image": torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)) * 2 - 1}
+        for i in range(n)
+    ]
 
 
 class StepNorms(pl.Callback):
@@ -56,7 +63,9 @@ def test_clipping_applies_to_unscaled_gradients(tiny_ddconfig, tiny_lossconfig, 
     if scaler is not None:
         assert scaler.get_scale() >= 8.0  # a real loss scale was in play (the issue measured clip/16)
     # The optimizer saw exactly the clip norm: clipping the scaled gradients would leave clip / scale.
-    assert len(norms.norms) >= 3 and all(clip * (1 - 1e-3) <= n <= clip * (1 + 1e-3) for n in norms.norms), norms.norms
+    assert len(norms.norms) >= 3 and all(clip * (1 - 1e-3) <= n <= clip * (1 + 1e-3) for n in norms.norms), (
+        norms.norms
+    )
 
 
 class PoisonBatches(pl.Callback):

@@ -112,7 +112,9 @@ def _reference_generator_loss(loss_fn, x, x_hat, posterior, last_weight, disc_fa
     g = -loss_fn.discriminator(x_hat).mean()
     grad_nll = torch.autograd.grad(nll, last_weight, retain_graph=True)[0]
     grad_g = torch.autograd.grad(g, last_weight, retain_graph=True)[0]
-    lam = torch.clamp(grad_nll.norm() / (grad_g.norm() + 1e-4), 0, 1e4).detach() * loss_fn.discriminator_weight
+    lam = (
+        torch.clamp(grad_nll.norm() / (grad_g.norm() + 1e-4), 0, 1e4).detach() * loss_fn.discriminator_weight
+    )
     return nll + loss_fn.kl_weight * kl + lam * disc_factor * g, lam, g
 
 
@@ -120,7 +122,9 @@ def _reference_generator_loss(loss_fn, x, x_hat, posterior, last_weight, disc_fa
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize("disc_loss", ["hinge", "vanilla"])
 @pytest.mark.parametrize("tanh_out", [False, True])
-def test_adaptive_weight_and_gradients_equal_the_two_autograd_grad_formula(pixel_loss, reduction, disc_loss, tanh_out):
+def test_adaptive_weight_and_gradients_equal_the_two_autograd_grad_formula(
+    pixel_loss, reduction, disc_loss, tanh_out
+):
     torch.manual_seed(0)
     loss_fn = make_loss(disc_start=3, disc_weight=0.7, kl_weight=1e-2, pixel_loss=pixel_loss, reduction=reduction,
                         disc_loss=disc_loss, perceptual_weight=0.5, perceptual_backbone="random", learn_logvar=True,

@@ -120,7 +120,9 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
         if gradient_clip_val is not None and gradient_clip_val <= 0:
             raise ValueError(f"gradient_clip_val must be > 0 or null, got {gradient_clip_val!r}")
         if not isinstance(max_nonfinite_in_a_row, int) or max_nonfinite_in_a_row < 1:
-            raise ValueError(f"max_nonfinite_in_a_row must be an integer >= 1, got {max_nonfinite_in_a_row!r}")
+            raise ValueError(
+                f"max_nonfinite_in_a_row must be an integer >= 1, got {max_nonfinite_in_a_row!r}"
+            )
         if len(adam_betas) != 2:
             raise ValueError(f"adam_betas must be two numbers, got {adam_betas!r}")
         ddconfig, lossconfig = to_container(ddconfig), to_container(lossconfig)
@@ -356,7 +358,9 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
         recon = None
 
         if update_ae:
-            self.toggle_optimizer(opt_ae)  # discriminator params get requires_grad=False: g_loss cannot move D
+            self.toggle_optimizer(
+                opt_ae
+            )  # discriminator params get requires_grad=False: g_loss cannot move D
             recon, posterior = self._reconstruct(x)
             loss, logs_g = self.loss.generator_loss(
                 x, recon, posterior, it, self._last_layer(), "train", grad_scale=self._grad_scale()
