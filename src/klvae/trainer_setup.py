@@ -26,6 +26,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.environments import SLURMEnvironment
+
 from klvae.callbacks import (
     AtomicCheckpointIO,
     ImageLogger,
