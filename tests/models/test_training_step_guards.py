@@ -7,6 +7,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.plugins.precision import MixedPrecision
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
 
 from klvae.models.autoencoder import AutoencoderKL, NonFiniteTrainingError
@@ -106,3 +107,38 @@ def test_too_many_nonfinite_updates_in_a_row_stop_the_run(tiny_ddconfig, tiny_lo
     with pytest.raises(NonFiniteTrainingError, match=r"3 updates in a row.*iteration 3.*learning_rate"):
         fit(model, images(6), [PoisonBatches(set(range(6)))])
     assert model.iteration == 3
+
+
+class HostSyncCounter(TorchDispatchMode):
+    """Ops that copy a device value to the host (``.item()``, ``bool(t)``, ``int(t)``: the host waits)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.calls.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("schedule", ["alternate", "every_batch"])
+def test_training_step_and_its_logging_never_read_device_values(tiny_ddconfig, tiny_lossconfig, schedule):
+    """On CPU a host read costs nothing, on a GPU it waits for the device: the step must make none (with
+    fused Adam, the CUDA default; EMA reads its counter once, at the first update)."""
+    counters: list[HostSyncCounter] = []
+
+    class Watched(AutoencoderKL):
+        def training_step(self, batch, batch_idx):
+            if batch_idx < 1:
+                return super().training_step(batch, batch_idx)
+            with HostSyncCounter() as counter:
+                super().training_step(batch, batch_idx)
+            counters.append(counter)
+
+    tiny_lossconfig["params"]["disc_start"] = 2
+    model = Watched(tiny_ddconfig, tiny_lossconfig, embed_dim=4, learning_rate=1e-3, update_schedule=schedule,
+                    ema_decay=0.9, gradient_clip_val=1.0, optimizations={"fused_adam": True})  # fmt: skip
+    fit(model, images(5))
+    assert len(counters) == 4 and model.loss.disc_factor_at(model.iteration - 1) > 0
+    assert [c.calls for c in counters] == [[]] * 4

@@ -208,7 +208,9 @@ def summarize(
     out: dict[str, Any] = {}
     if warmup_times:
         out["warmup_s"] = round(sum(warmup_times), 3)
-        out["compile_s"] = round(max(sum(warmup_times) - len(warmup_times) * statistics.median(times), 0.0), 3)
+        out["compile_s"] = round(
+            max(sum(warmup_times) - len(warmup_times) * statistics.median(times), 0.0), 3
+        )
     out |= {
         "iterations_timed": len(times),
         "ms_per_iter": round(1e3 * mean, 3),
