@@ -75,9 +75,7 @@ class PerOptimizerDDPStrategy(DDPStrategy):
     strategy_name = "klvae_ddp"
 
     def __init__(self, **kwargs: Any) -> None:
-        for key in ("find_unused_parameters", "static_graph", "gradient_as_bucket_view", "broadcast_buffers"):
-            kwargs.pop(key, None)  # DDP-wrapper options: no wrapper, nothing to configure
-        super().__init__(**kwargs)
+        super().__init__(**kwargs)  # process-group options only: there is no DDP wrapper to configure
         self.reduced_elements: list[int] = []
 
     def configure_ddp(self) -> None:

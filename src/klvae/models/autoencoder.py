@@ -404,15 +404,6 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
             {**logs_g, **logs_d}, on_step=False, on_epoch=True, sync_dist=True, batch_size=x.shape[0]
         )
 
-    def on_validation_start(self) -> None:
-        # Validation (and the sanity check) run eager: eval mode, another batch size and no_grad would each
-        # compile their own graph per region, for a few batches, and push regions towards the recompile
-        # limit after which dynamo silently runs them eager in training too.
-        torch.compiler.set_stance("force_eager")
-
-    def on_validation_end(self) -> None:
-        torch.compiler.set_stance("default")
-
     @torch.no_grad()
     def log_images(self, batch: Mapping[str, Any], N: int = 8) -> dict[str, torch.Tensor]:  # noqa: N803 (LDM's name)
         """Inputs, reconstructions and decodes of N(0, I) latents, each (N, 3, H, W), roughly in [-1, 1].
@@ -427,6 +418,15 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
             recon = self.decode(posterior.sample())
             samples = self.decode(torch.randn_like(posterior.mean))
         return {"inputs": x, "reconstructions": recon, "samples": samples}
+
+    def on_validation_start(self) -> None:
+        # Validation (and the sanity check) run eager: eval mode, another batch size and no_grad would each
+        # compile their own graph per region, for a few batches, and push regions towards the recompile
+        # limit after which dynamo silently runs them eager in training too.
+        torch.compiler.set_stance("force_eager")
+
+    def on_validation_end(self) -> None:
+        torch.compiler.set_stance("default")
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
