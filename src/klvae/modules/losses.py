@@ -253,7 +253,7 @@ class LPIPSWithDiscriminator(nn.Module):
         if not adaptive:
             loss = nll_loss + self.kl_weight * kl_loss + d_weight * disc_factor * g_loss
         else:
-            scale = 1.0 if grad_scale is None else grad_scale
+            scale = 1.0 if grad_scale is None else grad_scale.detach().reshape(())  # GradScaler's is (1,)
             # nll's graph (pixel, LPIPS) and g's graph (D) meet only at x̂; each is run backward once here,
             # down to x̂ (and logvar), and freed. The decoder's part of the graph is untouched.
             targets = [recon] + ([self.logvar] if self.logvar.requires_grad else [])

@@ -45,6 +45,12 @@ class RegionBackend:
         else:
             self._compile = torch._dynamo.lookup_backend(backend)
 
+    def __getattr__(self, name: str) -> object:
+        # Dynamo asks backends for optional hooks (get_compiler_config, reset, ...): the real backend's.
+        if name.startswith("__") or name == "_compile":
+            raise AttributeError(name)
+        return getattr(self._compile, name)
+
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> object:
         self.graphs += 1
         log.info("torch.compile: graph %d of region %s", self.graphs, self.region)
