@@ -249,3 +249,20 @@ def test_lpips_is_frozen_and_stays_in_eval_mode():
 def test_invalid_loss_option_raises_naming_it(key, value):
     with pytest.raises(ValueError, match=key):
         make_loss(**{key: value})
+
+
+def test_loss_scale_for_the_x_hat_gradients_changes_nothing_in_fp32():
+    torch.manual_seed(0)
+    loss_fn = make_loss(disc_start=0, perceptual_weight=0.5, perceptual_backbone="random", learn_logvar=True)
+    conv = torch.nn.Conv2d(4, 3, 3, padding=1)
+    h = torch.randn(B, 4, H, W, requires_grad=True)
+    x = torch.rand(B, C, H, W) * 2 - 1
+    posterior = DiagonalGaussianDistribution(torch.randn(B, 8, 4, 4))
+    results = []
+    for scale in (None, torch.full((1,), 2.0**12)):  # GradScaler keeps its scale as a (1,) tensor
+        x_hat = conv(h)
+        loss, logs = loss_fn.generator_loss(x, x_hat, posterior, 0, LastLayer(conv, h), grad_scale=scale)
+        assert loss.shape == ()
+        results.append((logs["train/d_weight"], *torch.autograd.grad(loss, [h, conv.weight, loss_fn.logvar])))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
