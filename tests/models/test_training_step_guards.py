@@ -142,3 +142,13 @@ def test_training_step_and_its_logging_never_read_device_values(tiny_ddconfig, t
     fit(model, images(5))
     assert len(counters) == 4 and model.loss.disc_factor_at(model.iteration - 1) > 0
     assert [c.calls for c in counters] == [[]] * 4
+
+
+def test_accumulation_across_disc_start_steps_every_k_batches(tiny_ddconfig, tiny_lossconfig):
+    model = make_model(tiny_ddconfig, tiny_lossconfig, disc_start=1, update_schedule="every_batch",
+                       accumulate_grad_batches=2, ema_decay=0.9)  # fmt: skip
+    moved = MovedParameters()
+    fit(model, images(4), [moved])
+    ae = {"encoder", "quant_conv", "decoder"}
+    assert moved.moved == [set(), ae, set(), ae | {"discriminator"}]
+    assert model.iteration == 2 and int(model._nonfinite_skipped) == 0
