@@ -49,16 +49,17 @@ def setup(tmp_path_factory):
 def test_metrics_match_direct_computation(setup) -> None:
     root, model, _ = setup
     vae = InferenceVAE(model)
-    batches, total = image_batches(str(root / "imgs"), 32, 2)
-    result = evaluate(vae, batches, keep=2, total=total)
-    x, _ = next(image_batches(str(root / "imgs"), 32, 5)[0])
+    batches = image_batches(str(root / "imgs"), 32, 2)
+    result = evaluate(vae, batches, keep=2, total=batches.total)
+    x, _ = next(iter(image_batches(str(root / "imgs"), 32, 5)))
     r = quantize(to_unit(vae.decode(vae.encode(x))))
     assert (
         result.metrics["num_images"] == 5
         and result.metrics["rfid"] is None
         and result.metrics["lpips"] is None
     )
-    assert abs(result.metrics["psnr"] - psnr(to_unit(x), r).mean().item()) < 1e-6
+    # batch 2 vs batch 5: float32 convolutions may sum in another order (~1e-5 dB)
+    assert abs(result.metrics["psnr"] - psnr(to_unit(x), r).mean().item()) < 1e-4
     assert abs(result.metrics["ssim"] - ssim(to_unit(x), r).mean().item()) < 1e-6
     assert result.worst[0][0] <= result.worst[1][0] <= result.best[1][0] <= result.best[0][0]
     assert result.worst[0][2].shape == (2, 3, 32, 32) and result.worst[0][2].dtype == torch.uint8

@@ -38,7 +38,7 @@ class ConfigError(ValueError):
     """A config that cannot be turned into objects; the message names the offending key or value."""
 
 
-class DataError(RuntimeError):
+class DataError(ValueError):
     """Training or evaluation data that cannot be used (nothing decodes, a source is empty, ...).
 
     Raised inside DataLoader workers too: PyTorch re-raises it in the main process as ``DataError(text)``

@@ -92,6 +92,9 @@ class ResumableLoader(DataLoader):
         skip = 0
         if self._resume is not None and self._resume["epoch"] == epoch:
             skip = self._resume["batches"]
+            if skip >= len(self):
+                # Saved after the epoch's last batch: Lightning counts this iterator as the next epoch.
+                epoch, skip = epoch + 1, 0
         self._resume = None
         self._on_iter(epoch, skip)
         return super().__iter__()
