@@ -271,6 +271,7 @@ def run(job: Job) -> int:
         # PreemptionHandler wrote last.ckpt at the end of the batch; a clean exit lets SLURM requeue.
         stopped_by_signal = True
     finally:
+        _shutdown_loader_workers(trainer)
         _finish_wandb(trainer)
     handler = _preemption(trainer)
     if stopped_by_signal:
@@ -285,6 +286,26 @@ def run(job: Job) -> int:
             for line in training_summary(job, exported):
                 log.info(line)
     return 0
+
+
+def _shutdown_loader_workers(trainer: pl.Trainer) -> None:
+    """Stop persistent DataLoader workers through the DataLoader's own protocol.
+
+    Workers ignore SIGTERM (so a scheduler's signal to the process group reaches only the main process);
+    left to Python's exit, multiprocessing would SIGTERM them and then wait forever.
+    """
+    loaders = []
+    for attr in ("train_dataloader", "val_dataloaders", "test_dataloaders"):
+        try:
+            value = getattr(trainer, attr, None)
+        except Exception:  # a loop without loaders
+            continue
+        loaders.extend(value if isinstance(value, list | tuple) else [value])
+    for loader in loaders:
+        iterator = getattr(loader, "_iterator", None)
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if callable(shutdown):
+            shutdown()
 
 
 def _finish_wandb(trainer: pl.Trainer) -> None:

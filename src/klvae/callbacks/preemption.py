@@ -59,7 +59,7 @@ class PreemptionHandler(Callback):
             return None
         return 0 if self.requeued else 128 + int(self.received)
 
-    def _handle(self, signum: int, frame: Any) -> None:
+    def _handle(self, signum: int, frame: Any) -> None:  # noqa: ARG002 (signal handler signature)
         # Only set a flag: a signal handler runs between two bytecodes, anywhere in a training step.
         if signum == signal.SIGINT and self.received == signal.SIGINT:
             raise KeyboardInterrupt  # the second Ctrl-C: stop now
@@ -69,9 +69,8 @@ class PreemptionHandler(Callback):
                 "Ctrl-C: writing last.ckpt after this batch (press again to stop now)"
             )
             return
-        previous = self._previous.get(signum)
-        if callable(previous):  # keep Lightning's SIGTERM bookkeeping (trainer.received_sigterm) working
-            previous(signum, frame)
+        # Lightning's own SIGTERM handler is not chained: it would raise SIGTERMException out of the loop
+        # at the next batch, skipping the orderly stop (and the loader workers' shutdown) this one does.
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Registered here, after Lightning installed its own SIGTERM handler, which we chain to.
