@@ -128,10 +128,24 @@ def _silence_routine_warnings() -> None:
     logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is now (in-process callers may swap it between runs)."""
+
+    @property
+    def stream(self):  # noqa: ANN201 (logging's attribute)
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # noqa: ANN001
+        pass
+
+
 def _configure_logging() -> None:
     klvae_log = logging.getLogger("klvae")
-    if not klvae_log.handlers:
-        handler = logging.StreamHandler()
+    if not any(isinstance(h, _StderrHandler) for h in klvae_log.handlers):
+        for old in [h for h in klvae_log.handlers if type(h) is logging.StreamHandler]:
+            klvae_log.removeHandler(old)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         klvae_log.addHandler(handler)
         klvae_log.setLevel(logging.INFO)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -213,22 +215,29 @@ def prepare(args: argparse.Namespace) -> Job:
 
     now = timestamp()
     rank0 = rank_zero_only.rank == 0
+    created = None
     if run is None or args.name:  # a new run directory (possibly warm-started from --resume's checkpoint)
         name = args.name or (Path(args.base[0]).stem if args.base else "run")
         run = create_run_dir(args.logdir, name, now, create=rank0)
-    if rank0:
-        run.make()
-        remove_stale_temp_files(run.checkpoints)  # left by a writer killed mid-save (SIGKILL, OOM)
-        saved = save_config(run, config, now)
-        rank_zero_only(log.info)(f"run directory {run.root} (config: {saved.name})")
-
-    from klvae.loggers import build_logger
-
-    logger = build_logger(args.logger, run, run.root.name, args.project, launch=now)
+        created = run.root if rank0 and not os.environ.get("LOCAL_RANK") else None
     try:
-        trainer, checkpointer = build_trainer(plan, run, logger, args.seed)
-    except (MisconfigurationException, ValueError) as e:  # Lightning's and the callbacks' argument checks
-        raise ConfigError(f"lightning: {' '.join(str(e).split())}") from e
+        if rank0:
+            run.make()
+            remove_stale_temp_files(run.checkpoints)  # left by a writer killed mid-save (SIGKILL, OOM)
+            saved = save_config(run, config, now)
+            rank_zero_only(log.info)(f"run directory {run.root} (config: {saved.name})")
+
+        from klvae.loggers import build_logger
+
+        logger = build_logger(args.logger, run, run.root.name, args.project, launch=now)
+        try:
+            trainer, checkpointer = build_trainer(plan, run, logger, args.seed)
+        except (MisconfigurationException, ValueError) as e:  # Lightning's and the callbacks' argument checks
+            raise ConfigError(f"lightning: {' '.join(str(e).split())}") from e
+    except BaseException:
+        if created is not None:  # nothing ran yet: a failed start leaves no directory behind
+            shutil.rmtree(created, ignore_errors=True)
+        raise
     return Job(args, config, run, ckpt, model, data, trainer, checkpointer)
 
 

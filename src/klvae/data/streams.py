@@ -81,7 +81,8 @@ class _SourceProgress:
         limit = min(self.pass_size[source] or MAX_UNDECODED, MAX_UNDECODED)
         if self.read[source] >= limit:
             raise DataError(
-                f"0 of {self.read[source]} samples in {self.what} {source} decoded; first error: "
+                f"0 of {self.pass_size[source] or self.read[source]} samples in {self.what} {source} decoded; "
+                f"first error: "
                 f"{counter.first_error or 'none recorded'} (check the shards and data.params.min_size)"
             )
 
