@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from klvae.cli import main
-from tests.cli_helpers import TINY, only_run_dir, tiny_args, write_photos
+from tests.cli_helpers import only_run_dir, tiny_args, write_photos
 from tests.data.conftest import encode, random_image
 from tests.test_cli import shard_config
 
@@ -67,7 +67,11 @@ def test_user_error_with_traceback_flag_raises(photos, tmp_path):
     from klvae.util import ConfigError
 
     with pytest.raises(ConfigError, match="kl_weight"):
-        main(tiny_args(photos, tmp_path / "logs", "--traceback", "model.params.lossconfig.params.kl_weight=abc"))
+        main(
+            tiny_args(
+                photos, tmp_path / "logs", "--traceback", "model.params.lossconfig.params.kl_weight=abc"
+            )
+        )
 
 
 def test_a_bug_inside_klvae_keeps_its_traceback(photos, tmp_path, monkeypatch):
@@ -118,7 +122,9 @@ def test_webdataset_pattern_matching_nothing_is_one_line(tmp_path, capsys):
 
 
 def test_unreadable_validation_shards_fail_instead_of_validating_nothing(tmp_path, capsys):
-    config = shard_config(tmp_path, [[{"__key__": f"{i}", "jpg": encode(random_image(i, 40, 48))} for i in range(8)]])
+    config = shard_config(
+        tmp_path, [[{"__key__": f"{i}", "jpg": encode(random_image(i, 40, 48))} for i in range(8)]]
+    )
     (tmp_path / "val.tar").write_bytes(b"this is not a tar file" * 100)
     args = ["-b", str(config), "-t", "-l", str(tmp_path / "logs"), "--logger", "csv", "--no-test",
             f"data.params.validation.shards={tmp_path}/val.tar", "lightning.trainer.enable_progress_bar=false"]  # fmt: skip
@@ -126,7 +132,9 @@ def test_unreadable_validation_shards_fail_instead_of_validating_nothing(tmp_pat
     assert "samples in the validation shards" in one_error_line(capsys)
 
 
-def test_full_disk_during_a_checkpoint_write_is_one_line_and_keeps_previous(photos, tmp_path, capsys, monkeypatch):
+def test_full_disk_during_a_checkpoint_write_is_one_line_and_keeps_previous(
+    photos, tmp_path, capsys, monkeypatch
+):
     import klvae.callbacks.checkpointing as ck
 
     real_save, calls = ck.torch.save, []
@@ -182,7 +190,11 @@ def test_side_tools_on_bad_checkpoints_are_one_line(tool, tmp_path, capsys):
     extra = {"klvae.export": ["--format", "ldm", "--out", str(tmp_path / "o.safetensors")],
              "klvae.evaluate": ["--data", str(tmp_path / "imgs"), "--out", str(tmp_path / "e")],
              "klvae.latent_stats": ["--data", str(tmp_path / "imgs")]}[tool]  # fmt: skip
-    prog = {"klvae.export": "klvae-export", "klvae.evaluate": "klvae-eval", "klvae.latent_stats": "klvae-latent-stats"}
+    prog = {
+        "klvae.export": "klvae-export",
+        "klvae.evaluate": "klvae-eval",
+        "klvae.latent_stats": "klvae-latent-stats",
+    }
     for ckpt in (tmp_path / "missing.ckpt", garbage):
         assert tool_main([str(ckpt), *extra, "--lpips", "none", "--inception", "none"] if tool == "klvae.evaluate"
                          else [str(ckpt), *extra]) == 2  # fmt: skip

@@ -110,7 +110,7 @@ def test_bad_files_are_skipped_counted_and_listed_never_substituted(setup, tmp_p
     folder = tmp_path / "mixed"
     folder.mkdir()
     samples = []
-    for i, path in enumerate(sorted((root / "imgs").iterdir())):
+    for path in sorted((root / "imgs").iterdir()):
         (folder / path.name).write_bytes(path.read_bytes())
         samples.append((path.name, path.read_bytes()))
     for i in range(4):
@@ -127,7 +127,12 @@ def test_bad_files_are_skipped_counted_and_listed_never_substituted(setup, tmp_p
                      "--lpips", "none", "--inception", "none"]) == 0  # fmt: skip
         metrics = json.loads((out / "metrics.json").read_text())
         assert metrics["num_images"] == 5 and metrics["num_skipped"] == 4, metrics
-        assert sorted(s["key"].rsplit(":", 1)[-1] for s in metrics["skipped"]) == ["bad0", "bad1", "bad2", "bad3"]
+        assert sorted(s["key"].rsplit(":", 1)[-1] for s in metrics["skipped"]) == [
+            "bad0",
+            "bad1",
+            "bad2",
+            "bad3",
+        ]
         keys = [json.loads(line)["key"] for line in (out / "per_image.jsonl").read_text().splitlines()]
         assert len(keys) == len(set(keys)) == 5  # no image scored twice
 
@@ -152,4 +157,8 @@ def test_rfid_below_the_minimum_image_count_is_marked_unreliable(setup, monkeypa
     monkeypatch.setattr(ev, "frechet_distance", lambda m1, c1, m2, c2: float(((m1 - m2) ** 2).sum()))
     result = evaluate(InferenceVAE(model), image_batches(str(root / "imgs"), 32, 5), inception=MeanPool())
     m = result.metrics
-    assert m["rfid"] is not None and m["rfid_unreliable"] is True and m["rfid_min_images"] == MIN_RFID_IMAGES == 2048
+    assert (
+        m["rfid"] is not None
+        and m["rfid_unreliable"] is True
+        and m["rfid_min_images"] == MIN_RFID_IMAGES == 2048
+    )

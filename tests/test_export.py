@@ -110,6 +110,7 @@ def test_python_m_export_help() -> None:
 
 def test_finetune_config_builds_a_frozen_encoder_ema_model(tmp_path) -> None:
     from omegaconf import OmegaConf
+
     from klvae.util import ConfigError, instantiate_from_config, to_container
 
     config = OmegaConf.load("configs/finetune_sd_vae_decoder.yaml")
