@@ -11,6 +11,7 @@ exact and the report can list what was left out.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,10 @@ class _ShardSamples(IterableDataset):
                 if len(images) == self.batch_size:
                     yield flush()
             skipped.extend({"key": Path(url).name, "error": f"read error: {e!r}"[:300]} for e in errors)
+            if os.path.isfile(url) and os.path.getsize(url) % 512 and assignment.offset == 0:
+                skipped.append(
+                    {"key": Path(url).name, "error": "truncated tar: samples after the cut are lost"}
+                )
         if images or skipped:
             yield flush()
 

@@ -13,6 +13,7 @@ Batches: ``{image_key: float32 (B, 3, size, size) in [-1, 1], "__key__": [str] *
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Iterator, Sequence
 
@@ -44,6 +45,12 @@ def read_shard(url: str, assignment: ShardAssignment, counter: SkipCounter) -> I
     for index, sample in enumerate(samples):
         if index % assignment.stride == assignment.offset:
             yield sample
+    # A tar cut inside a member header ends the stream silently (tarfile reads it as the end of the
+    # archive). Tar files are whole 512-byte blocks: any other size on disk means a cut-off file.
+    size = os.path.getsize(url) if os.path.isfile(url) else None
+    if size is not None and size % 512 and assignment.offset == 0:
+        counter.add("read_error", f"{url}: truncated tar ({size} bytes, not whole 512-byte blocks); "
+                    "the samples before the cut were kept")  # fmt: skip
 
 
 def decode_sample(
