@@ -174,6 +174,9 @@ def test_resume_errors_are_one_line(photos, tmp_path, capsys):
     # -r CKPT without -t and with --no-test: nothing would happen; say so.
     assert main(["-r", str(run / "checkpoints" / "last.ckpt"), "--no-test", "--logger", "csv"]) == 2
     assert "nothing to do" in one_error_line(capsys)
+    ckpt = str(run / "checkpoints" / "last.ckpt")
+    assert main(["-r", ckpt, "--logger", "csv", "data.params.val_dir=null"]) == 2  # nothing to evaluate on
+    assert "has no validation split" in one_error_line(capsys)
     # An incompatible model (another width) fails before Lightning's state-dict traceback.
     assert main(["-t", "-r", str(run), "--logger", "csv", "model.params.ddconfig.ch=16"]) == 2
     assert "does not fit the model the config builds" in one_error_line(capsys)

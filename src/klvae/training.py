@@ -210,6 +210,15 @@ def prepare(args: argparse.Namespace) -> Job:
     if isinstance(data, pl.LightningDataModule):
         data.setup("fit" if args.train else "validate")  # missing folders and shards fail now
     _check_data_fits_model(config, data)
+    if (
+        not args.train
+        and isinstance(data, pl.LightningDataModule)
+        and not is_overridden("test_dataloader", data)
+    ) and not data.val_dataloader():
+        raise ConfigError(
+            "nothing to do: without -t, -r only evaluates the checkpoint, but the data config has no "
+            "validation split; add -t to continue training, or configure validation data"
+        )
     if ckpt is not None:
         _check_resume_fits_model(model, ckpt)
 
