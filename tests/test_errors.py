@@ -210,3 +210,20 @@ def test_make_shards_bad_input_is_one_line(tmp_path, capsys):
 
     assert make_shards([str(tmp_path / "nothing-here"), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
     assert "nothing-here" in one_error_line(capsys, "klvae-make-shards: error: ")
+
+
+def test_a_diverging_run_stops_with_one_line_and_keeps_finite_checkpoints(photos, tmp_path, capsys):
+    logdir = tmp_path / "logs"
+    # One Adam step at lr 1e30 moves every weight by ~1e30: the next losses overflow to inf/NaN.
+    args = tiny_args(
+        photos, logdir, "model.base_learning_rate=1e30", "model.params.max_nonfinite_in_a_row=2",
+        "lightning.max_iterations=12",
+    )  # fmt: skip
+    assert main(args) == 2
+    line = one_error_line(capsys)
+    assert "updates in a row had a non-finite loss or gradient" in line and "learning_rate" in line
+    ckpts = sorted((only_run_dir(logdir) / "checkpoints").glob("*.ckpt"))
+    assert ckpts, "the iterations before the divergence are checkpointed"
+    for ckpt in ckpts:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+        assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point()), ckpt

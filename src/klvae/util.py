@@ -23,6 +23,7 @@ __all__ = [
     "DISK_ERRNOS",
     "ConfigError",
     "DataError",
+    "TrainingDivergedError",
     "is_user_error",
     "load_user_file",
     "one_line",
@@ -36,6 +37,11 @@ __all__ = [
 
 class ConfigError(ValueError):
     """A config that cannot be turned into objects; the message names the offending key or value."""
+
+
+class TrainingDivergedError(RuntimeError):
+    """Training cannot go on for a reason the user fixes in the recipe (e.g. updates that keep producing
+    non-finite losses); the message names the iteration and what to change."""
 
 
 class DataError(ValueError):
@@ -59,7 +65,7 @@ def is_user_error(e: BaseException) -> bool:
     ``KeyError``/``TypeError``/``AttributeError`` are never user errors here: config problems raise
     :class:`ConfigError` where the value is read, so those only come from code.
     """
-    if isinstance(e, ConfigError | DataError):
+    if isinstance(e, ConfigError | DataError | TrainingDivergedError):
         return True
     if isinstance(e, FileNotFoundError | IsADirectoryError | NotADirectoryError | PermissionError):
         return True

@@ -22,7 +22,7 @@ from klvae.modules.vae import KLCodec, build_codec_modules
 from klvae.perf.apply import apply_runtime_optimizations, make_adam
 from klvae.perf.options import parse_optimizations
 from klvae.state_dict import NETWORK_PREFIXES, read_state_dict, select_first_stage
-from klvae.util import instantiate_from_config, to_container
+from klvae.util import TrainingDivergedError, instantiate_from_config, to_container
 
 __all__ = ["AutoencoderKL", "NonFiniteTrainingError"]
 
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 _SCHEDULES = ("alternate", "every_batch")
 
 
-class NonFiniteTrainingError(RuntimeError):
+class NonFiniteTrainingError(TrainingDivergedError):
     """Too many updates in a row had a non-finite loss or gradient: the run has diverged."""
 
 
