@@ -212,7 +212,8 @@ def build_trainer(
         ThroughputMonitor(),
         DataStatsCallback(),  # pops batch["_skipped"] before the model sees it; logs data/skipped_*
     ]
-    if ck["save_top_k"] and ck["monitor"]:
+    keep_top_k = bool(ck["save_top_k"] and ck["monitor"])
+    if keep_top_k:
         callbacks.append(
             TopKCheckpoint(
                 dirpath=run.checkpoints,
@@ -242,6 +243,9 @@ def build_trainer(
         pl.Trainer(
             **plan.trainer_kwargs,
             default_root_dir=str(run.root),
+            # Without a top-k callback Lightning would add its own ModelCheckpoint, writing a second set of
+            # checkpoints under the logger's folder; IterationCheckpoint owns last.ckpt and iter_*.ckpt.
+            enable_checkpointing=keep_top_k,
             logger=logger,
             callbacks=callbacks,
             plugins=plugins,
