@@ -154,6 +154,42 @@ def test_full_disk_during_a_checkpoint_write_is_one_line_and_keeps_previous(
     assert not list(ckpts.glob(".*.tmp"))
 
 
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 2 MiB tmpfs (root only): a real full disk, not a simulated ``OSError``."""
+    import os
+    import subprocess
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True
+        ).returncode
+    ):
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_really_full_disk_is_one_line_and_keeps_a_loadable_checkpoint(photos, small_tmpfs, capsys):
+    import klvae.callbacks.checkpointing as ck
+
+    # A tiny model's checkpoint is ~0.7 MB: last.ckpt, its temp copy and iter_*.ckpt do not all fit in 2 MiB.
+    args = tiny_args(
+        photos, small_tmpfs / "logs", "lightning.checkpoint.save_top_k=0", "lightning.max_iterations=12"
+    )
+    assert main(args) == 2
+    line = one_error_line(capsys)
+    assert "No space left on device" in line and "free disk space" in line
+    ckpts = only_run_dir(small_tmpfs / "logs") / "checkpoints"
+    assert ck.checkpoint_problem(ckpts / "last.ckpt") is None  # the last good one is intact
+    assert not list(ckpts.glob(".*.tmp"))  # the half-written temp file was removed
+
+
 def test_read_only_logdir_is_one_line(photos, tmp_path, capsys, monkeypatch):
     real_mkdir = pathlib.Path.mkdir
 
@@ -224,6 +260,9 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_finite_checkpoints(photos
     assert "updates in a row had a non-finite loss or gradient" in line and "learning_rate" in line
     ckpts = sorted((only_run_dir(logdir) / "checkpoints").glob("*.ckpt"))
     assert ckpts, "the iterations before the divergence are checkpointed"
+    assert not [c for c in ckpts if "nan" in c.name], (
+        "a NaN val/rec_loss is never ranked as a best checkpoint"
+    )
     for ckpt in ckpts:
         state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
         assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point()), ckpt

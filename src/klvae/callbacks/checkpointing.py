@@ -310,11 +310,19 @@ class IterationCheckpoint(Callback):
 class TopKCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` keeping the top-k by a validation metric, able to name files by ``{iteration}``."""
 
-    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
-        if nonfinite_tensors(trainer.lightning_module.state_dict().items()):
-            log.warning("NOT writing %s: the weights are NaN/inf", Path(filepath).name)
+    def _save_topk_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
+        # Decided before Lightning ranks the file, so its top-k bookkeeping never names a file not written.
+        value = monitor_candidates.get(self.monitor) if self.monitor else None
+        if value is not None and not torch.isfinite(value).all():
+            log.warning(
+                "not ranking iteration %d among the best checkpoints: %s is %s",
+                iteration_of(trainer.lightning_module), self.monitor, value.item(),
+            )  # fmt: skip
             return
-        super()._save_checkpoint(trainer, filepath)
+        if nonfinite_tensors(trainer.lightning_module.state_dict().items()):
+            log.warning("NOT writing a best checkpoint: the weights are NaN/inf")
+            return
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
 
     def _monitor_candidates(self, trainer: pl.Trainer) -> dict[str, torch.Tensor]:
         candidates = super()._monitor_candidates(trainer)
