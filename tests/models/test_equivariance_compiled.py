@@ -15,6 +15,7 @@ limit (8) after which a region would silently run eager.
 
 from __future__ import annotations
 
+import csv
 import logging
 from pathlib import Path
 
@@ -46,9 +47,10 @@ def photos64(tmp_path_factory) -> Path:
 def test_compiled_eqvae_run_stays_within_its_graph_budget(photos64, tmp_path, caplog, schedule):
     caplog.set_level(logging.INFO, logger="klvae.perf.apply")
     torch._dynamo.reset()
+    # Seeded draws (seed 0): τ at batches 0 and 3, the low-resolution branch at 5; the GAN from iteration 3.
     args = tiny_args(
         photos64, tmp_path / "logs", "lightning.max_iterations=7", f"model.params.update_schedule={schedule}",
-        "data.params.size=64",  # seeded draws: τ at iterations 0 and 3, low resolution at 5; GAN from 3 "model.params.ema_decay=0.9", "model.params.lossconfig.params.perceptual_weight=0.5",
+        "data.params.size=64", "model.params.ema_decay=0.9", "model.params.lossconfig.params.perceptual_weight=0.5",
         "model.params.equivariance.p=0.5", "model.params.equivariance.p_small=0.25",
         "model.params.optimizations.compile=true", "model.params.optimizations.compile_backend=aot_eager",
     )  # fmt: skip
@@ -58,6 +60,9 @@ def test_compiled_eqvae_run_stays_within_its_graph_budget(photos64, tmp_path, ca
         torch._dynamo.reset()
     run = only_run_dir(tmp_path / "logs")
     assert list(run.glob("images/**/*.png")) and list(run.glob("checkpoints/last.ckpt"))
+    rows = [row for path in run.glob("csv/*/metrics.csv") for row in csv.DictReader(path.open())]
+    assert {float(r["train/eq_branch"]) for r in rows if r.get("train/eq_branch")} == {0.0, 1.0, 2.0}
+    assert [float(r["train/d_weight"]) for r in rows if r.get("train/d_weight")][-1] > 0  # GAN phase reached
     counts = graphs_per_region(caplog)
     logging.getLogger(__name__).warning("EQ-VAE compiled graphs (%s): %s", schedule, counts)
     assert set(counts) == set(EQ_GRAPH_BUDGET), counts
