@@ -152,3 +152,24 @@ def test_equivariance_option_is_saved_and_checked(tiny_ddconfig, tiny_lossconfig
     assert make_model(tiny_ddconfig, tiny_lossconfig).equivariance is None
     with pytest.raises(ValueError, match="unknown keys"):
         make_model(tiny_ddconfig, tiny_lossconfig, equivariance={"p": 0.5, "prob": 1})
+
+
+def test_finetune_eqvae_recipe_values():
+    from pathlib import Path
+
+    from klvae.util import load_config
+
+    cfg = load_config([Path(__file__).resolve().parents[2] / "configs" / "finetune_eqvae.yaml"])
+    params = cfg.model.params
+    loss = params.lossconfig.params
+    assert (params.equivariance.p, params.equivariance.p_small, params.equivariance.anisotropic) == (
+        0.5,
+        0.25,
+        False,
+    )
+    assert (loss.disc_start, loss.disc_weight, loss.kl_weight, loss.pixel_loss, loss.perceptual_weight) == (
+        0, 0.5, 1e-6, "l1", 1.0,
+    )  # fmt: skip
+    assert cfg.model.base_learning_rate == 4.5e-6 and params.accumulate_grad_batches == 2
+    assert cfg.data.params.batch_size == 10 and not params.train_decoder_only
+    assert params.update_schedule == "every_batch" and params.ema_decay is None
