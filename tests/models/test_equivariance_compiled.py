@@ -49,7 +49,7 @@ def test_compiled_eqvae_run_stays_within_its_graph_budget(photos64, tmp_path, ca
     torch._dynamo.reset()
     # Seeded draws (seed 0): τ at batches 0 and 3, the low-resolution branch at 5; the GAN from iteration 3.
     args = tiny_args(
-        photos64, tmp_path / "logs", "lightning.max_iterations=7", f"model.params.update_schedule={schedule}",
+        photos64, tmp_path / "logs", "lightning.max_iterations=6", f"model.params.update_schedule={schedule}",
         "data.params.size=64", "model.params.ema_decay=0.9", "model.params.lossconfig.params.perceptual_weight=0.5",
         "model.params.equivariance.p=0.5", "model.params.equivariance.p_small=0.25",
         "model.params.optimizations.compile=true", "model.params.optimizations.compile_backend=aot_eager",
