@@ -167,7 +167,9 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
         self.image_key = image_key
         self.monitor = monitor
         self.embed_dim = embed_dim
-        self.equivariance = None if equivariance is None else EquivarianceSchedule.from_config(equivariance)
+        self.equivariance = (
+            None if equivariance is None else EquivarianceSchedule.from_config(to_container(equivariance))
+        )
         self._downsample_factor = 2 ** (len(ddconfig["ch_mult"]) - 1)  # image side / latent side
 
         for name, module in build_codec_modules(ddconfig, embed_dim).items():

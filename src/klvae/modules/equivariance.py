@@ -156,12 +156,8 @@ class EquivarianceSchedule:
         for name, value in (("p", p), ("p_small", p_small)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"equivariance.{name} must be a probability in [0, 1], got {value!r}")
-        self.p, self.p_small, self.anisotropic, self.seed = (
-            float(p),
-            float(p_small),
-            bool(anisotropic),
-            int(seed),
-        )
+        self.p, self.p_small = float(p), float(p_small)
+        self.anisotropic, self.seed = bool(anisotropic), int(seed)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> EquivarianceSchedule:
