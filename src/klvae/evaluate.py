@@ -198,6 +198,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-ema", action="store_true", help="use live weights of a run checkpoint")
     p.add_argument("--grid-k", type=int, default=8, help="worst/best images in grid.png")
+    p.add_argument("--latent-metrics", action="store_true", help="also equivariance/spectrum/latent stats")
     p.add_argument("--traceback", action="store_true", help="show full tracebacks for user errors too")
     return p
 
@@ -276,6 +277,10 @@ def _run(args: argparse.Namespace) -> None:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=True) + "\n")
     (out / "per_image.jsonl").write_text("".join(json.dumps(r) + "\n" for r in result.per_image))
     save_grid(result, out / "grid.png")
+    if args.latent_metrics:  # klvae.latent_metrics: latent_metrics.json + latent_spectrum.png in out
+        from klvae.latent_metrics import write_latent_metrics
+
+        write_latent_metrics(vae, args.data, args.resolution, args.batch_size, out, args.device, args.limit)
 
     def fmt(v: float | None) -> str:
         return "n/a" if v is None else ("inf" if math.isinf(v) else f"{v:.4f}")

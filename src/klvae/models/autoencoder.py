@@ -17,6 +17,7 @@ import pytorch_lightning as pl
 import torch
 
 from klvae.ema import ModuleEMA
+from klvae.modules.equivariance import Branch, EquivarianceSchedule
 from klvae.modules.losses import LastLayer
 from klvae.modules.vae import KLCodec, build_codec_modules
 from klvae.perf.apply import apply_runtime_optimizations, make_adam
@@ -88,6 +89,11 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
         optimizations: speed/memory switches (torch.compile, fused Adam, channels_last, LPIPS target
             without autograd, gradient checkpointing, cudnn.benchmark); keys and defaults in
             :class:`klvae.perf.options.Optimizations`, an unknown key is a ``ValueError``.
+        equivariance: EQ-VAE's equivariance regularisation (arXiv:2502.09509), off when None (default):
+            ``{p, p_small, anisotropic, seed}`` of :class:`klvae.modules.equivariance.EquivarianceSchedule`.
+            Per batch, with probability ``p``, the decoder gets τ(z) (posterior sample downscaled, then
+            rotated) and the loss, including the discriminator update on that batch, compares with τ(x);
+            else, with probability ``p_small``, the batch is downscaled before encoding.
     """
 
     def __init__(
@@ -109,6 +115,7 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
         monitor: str | None = "val/rec_loss",
         optimizations: Mapping[str, Any] | None = None,
         max_nonfinite_in_a_row: int = 20,
+        equivariance: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if update_schedule not in _SCHEDULES:
@@ -146,6 +153,7 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
                 "monitor": monitor,
                 "optimizations": self.optimizations.to_dict(),
                 "max_nonfinite_in_a_row": max_nonfinite_in_a_row,
+                "equivariance": None if equivariance is None else to_container(equivariance),
             }
         )
         self.automatic_optimization = False  # two optimizers: Lightning 2 has no optimizer_idx
@@ -159,6 +167,10 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
         self.image_key = image_key
         self.monitor = monitor
         self.embed_dim = embed_dim
+        self.equivariance = (
+            None if equivariance is None else EquivarianceSchedule.from_config(to_container(equivariance))
+        )
+        self._downsample_factor = 2 ** (len(ddconfig["ch_mult"]) - 1)  # image side / latent side
 
         for name, module in build_codec_modules(ddconfig, embed_dim).items():
             self.add_module(name, module)
@@ -331,12 +343,12 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
                 "earlier checkpoint."
             )
 
-    def _reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        if self.train_decoder_only:
-            with torch.no_grad():  # frozen encoder: no activations kept for backward
-                posterior = self.encode(x)
-            return self.decode(posterior.sample()), posterior
-        return self(x)
+    def _reconstruct(self, x: torch.Tensor, branch: Branch) -> tuple[torch.Tensor, Any]:
+        """D(τ(z)), z ~ q(z|x), and the posterior; τ is the identity outside EQ-VAE's equivariance branch."""
+        frozen = torch.no_grad() if self.train_decoder_only else nullcontext()
+        with frozen:  # a frozen encoder keeps no activations for backward
+            posterior = self.encode(x)
+        return self.decode(branch.latent(posterior.sample())), posterior
 
     def _last_layer(self) -> LastLayer:
         saved = self._conv_out_input.take()
@@ -350,6 +362,10 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         x = self.get_input(batch)  # (B, 3, H, W)
+        # EQ-VAE: the batch's branch; x becomes the encoder's input, target the image x̂ is compared with.
+        branch = Branch() if self.equivariance is None else self.equivariance.draw(self._micro_step)
+        x = branch.encoder_input(x, self._downsample_factor)
+        target = branch.target(x, self._downsample_factor)
         opt_ae, opt_disc = self.optimizers()
         it = self._iteration
         update_ae, update_disc = self._phase(it)
@@ -361,9 +377,9 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
             self.toggle_optimizer(
                 opt_ae
             )  # discriminator params get requires_grad=False: g_loss cannot move D
-            recon, posterior = self._reconstruct(x)
+            recon, posterior = self._reconstruct(x, branch)
             loss, logs_g = self.loss.generator_loss(
-                x, recon, posterior, it, self._last_layer(), "train", grad_scale=self._grad_scale()
+                target, recon, posterior, it, self._last_layer(), "train", grad_scale=self._grad_scale()
             )
             self._backward_and_step(opt_ae, loss, last_micro)
             self.untoggle_optimizer(opt_ae)
@@ -371,10 +387,10 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
         if update_disc:
             if recon is None:  # alternate schedule: this batch only needs x̂ as the discriminator's input
                 with torch.no_grad():
-                    recon, _ = self._reconstruct(x)
+                    recon, _ = self._reconstruct(x, branch)
             self._conv_out_input.take()
             self.toggle_optimizer(opt_disc)
-            d_loss, logs_d = self.loss.discriminator_loss(x, recon, it, "train")
+            d_loss, logs_d = self.loss.discriminator_loss(target, recon, it, "train")
             self._backward_and_step(opt_disc, d_loss, last_micro)
             self.untoggle_optimizer(opt_disc)
             logs.update(logs_d)
@@ -390,6 +406,8 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
         # device. The loss is not on the progress bar: the bar calls .item() on every step.
         logs["train/iteration"] = torch.full((), float(self._iteration), device=x.device)
         logs["train/skipped_nonfinite"] = self._nonfinite_skipped.float()
+        if self.equivariance is not None:  # 0 normal, 1 equivariance, 2 low-resolution prior preservation
+            logs["train/eq_branch"] = torch.full((), float(branch.index), device=x.device)
         self.log_dict(logs, on_step=True, on_epoch=False, logger=True, batch_size=x.shape[0])
 
     # ------------------------------------------------------------------ evaluation
