@@ -6,6 +6,14 @@ update schedules, before and after ``disc_start``); diffusers' is the same pre-G
 (see ``klvae.perf.diffusers_ref``). FLOPs are counted with ``FlopCounterMode`` on one eager step per case
 (model FLOPs: no recomputation), MFU = FLOPs / time / ``--peak-tflops``. One JSON line per measurement.
 
+Like-for-like: every case starts from the same cudnn.benchmark/TF32 flags (``backend_flags`` in each
+record), set again before each case: klvae variants use their own ``cudnn_benchmark`` switch, diffusers
+uses what klvae's defaults use on the device (``--cudnn-benchmark`` overrides), TF32 is ``--tf32`` for all.
+``peak_mem_gib`` is the steady-state peak (counter reset after the warm-up); ``warmup_peak_mem_gib`` the
+warm-up's, which holds torch.compile's transients; ``compile_s`` the warm-up's excess time over as many
+steady iterations. The GAN cases' warm-up covers whole autoencoder/discriminator pairs, so both updates'
+graphs are compiled before timing starts.
+
     # CPU smoke (seconds):
     python benchmarks/train_step.py --device cpu --model tiny --batch 1 --resolution 64 --steps 2
     # H100, the issue's setting, every switch:
@@ -30,6 +38,7 @@ from common import add_common_args, batch_loader, parse_variant, resolve_common 
 from klvae.models.autoencoder import AutoencoderKL  # noqa: E402
 from klvae.modules.perceptual import load_lpips  # noqa: E402
 from klvae.perf.bench import (  # noqa: E402
+    BackendFlags,
     FlopCounterCallback,
     StepTimer,
     device_info,
@@ -37,6 +46,7 @@ from klvae.perf.bench import (  # noqa: E402
     peak_memory_gib,
     peak_tflops_for,
     reset_peak_memory,
+    set_backend_flags,
     summarize,
     time_calls,
 )
@@ -86,6 +96,13 @@ def fit(
     trainer.fit(model, train_dataloaders=batch_loader(args.batch, args.resolution, batches, device))
 
 
+def case_flags(args: argparse.Namespace, device: torch.device, cudnn_benchmark: bool | None) -> BackendFlags:
+    """The flags a case runs under: its own cudnn_benchmark choice (None: klvae's default on the device)."""
+    if cudnn_benchmark is None:
+        cudnn_benchmark = Optimizations().cudnn_benchmark_on(device)
+    return BackendFlags(cudnn_benchmark=cudnn_benchmark, tf32=args.tf32)
+
+
 def cleanup(device: torch.device) -> None:
     torch._dynamo.reset()  # fresh compile caches per variant: no recompile-limit fallback to eager
     gc.collect()
@@ -106,16 +123,22 @@ def bench_klvae(args: argparse.Namespace, device: torch.device, ddconfig: dict, 
     peak = peak_tflops_for(device, args.peak_tflops)
     for case in args.cases:
         flops = count_klvae_flops(args, device, ddconfig, case)
-        steps = args.steps + (args.steps % 2 if CASES[case][0] == 0 else 0)  # whole AE/D pairs
+        gan = CASES[case][0] == 0
+        steps = args.steps + (args.steps % 2 if gan else 0)  # whole AE/D pairs
+        warmup = args.warmup + (args.warmup % 2 if gan else 0)
         for spec in args.variants:
             opts = parse_variant(spec)
+            flags = case_flags(args, device, opts.cudnn_benchmark_on(device))
+            set_backend_flags(flags)
             model = build_model(ddconfig, case, opts, args.perceptual_backbone)
-            timer = StepTimer(args.warmup)
+            timer = StepTimer(warmup)
             cleanup(device)
-            fit(model, args, device, args.warmup + steps, timer)
+            fit(model, args, device, warmup + steps, timer)
             mem, mem_kind = peak_memory_gib(device)
             emit({**base, "impl": "klvae", "case": case, "variant": spec, "optimizations": opts.to_dict(),
-                  **summarize(timer.times, args.batch, flops, peak), "peak_mem_gib": round(mem, 3),
+                  "backend_flags": flags.to_dict(),
+                  **summarize(timer.times, args.batch, flops, peak, timer.warmup_times),
+                  "peak_mem_gib": round(mem, 3), "warmup_peak_mem_gib": _round(timer.warmup_peak_gib),
                   "mem_kind": mem_kind})  # fmt: skip
             del model, timer
             cleanup(device)
@@ -132,6 +155,8 @@ def bench_diffusers(args: argparse.Namespace, device: torch.device, ddconfig: di
     flavours = ["eager", "compiled"] if args.diffusers == "both" else [args.diffusers]
     flops = None
     for flavour in flavours:
+        flags = case_flags(args, device, args.cudnn_benchmark)
+        set_backend_flags(flags)
         torch.manual_seed(0)
         vae = build_diffusers_vae(ddconfig, 4).to(device).train()
         lpips_model = load_lpips(args.perceptual_backbone).to(device)
@@ -143,13 +168,19 @@ def bench_diffusers(args: argparse.Namespace, device: torch.device, ddconfig: di
             vae.encoder.compile()
             vae.decoder.compile()
         cleanup(device)
-        times = time_calls(step, device, args.warmup, args.steps)
+        warmup: dict = {}
+        times = time_calls(step, device, args.warmup, args.steps, warmup)
         mem, mem_kind = peak_memory_gib(device)
         emit({**base, "impl": f"diffusers-{flavour}", "case": "pre", "variant": f"diffusers-{flavour}",
               "optimizations": {"fused_adam": fused, "compile": flavour == "compiled"},
-              **summarize(times, args.batch, flops, peak), "peak_mem_gib": round(mem, 3), "mem_kind": mem_kind})  # fmt: skip
+              "backend_flags": flags.to_dict(), **summarize(times, args.batch, flops, peak, warmup["times"]),
+              "peak_mem_gib": round(mem, 3), "warmup_peak_mem_gib": _round(warmup["peak_gib"]), "mem_kind": mem_kind})  # fmt: skip
         del vae, lpips_model, step
         cleanup(device)
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -163,6 +194,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--perceptual-backbone", default="random", help="timing does not depend on the weights"
     )
+    parser.add_argument("--tf32", action="store_true", help="allow TF32 matmuls/convolutions in every case")
+    parser.add_argument(
+        "--cudnn-benchmark", type=lambda v: v.lower() in ("1", "true", "yes"), default=None,
+        help="cudnn.benchmark for the diffusers cases (default: klvae's default on the device)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     device, ddconfig, args.variants = resolve_common(args)

@@ -24,6 +24,15 @@ def write_photos(folder: Path, n: int = 4, size: int = 32) -> Path:
     return folder
 
 
+def write_nonsquare_photos(folder: Path, n: int = 6) -> Path:
+    """``n`` real photographs, landscape and portrait (48x36, 36x52, ...): random crops really move."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shapes = [(48, 36), (36, 52), (56, 40), (40, 44)]
+    for i, path in enumerate(skimage_photo_paths()[:n]):
+        Image.open(path).convert("RGB").resize(shapes[i % len(shapes)]).save(folder / f"{path.stem}.png")
+    return folder
+
+
 def tiny_args(data_dir: Path, logdir: Path, *extra: str) -> list[str]:
     return [
         "-b", TINY, "-t", "-l", str(logdir), "--logger", "csv", "--no-test",

@@ -28,7 +28,7 @@ def test_crash_during_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
         atomic_torch_save({"iteration": 2}, path)
     monkeypatch.undo()
     assert load_checkpoint(path)["iteration"] == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temp file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "last.ckpt.sha256"]  # no temp file
 
 
 def test_load_checkpoint_rejects_pickled_objects(tmp_path):

@@ -60,7 +60,7 @@ def test_ldm_recipe_values():
 
 def test_every_shipped_recipe_points_at_data_from_the_command_line():
     """The short path (one-source ``train.shards``) and list-index overrides, as the README shows them."""
-    for name in ("autoencoder_kl_f8.yaml", "finetune_sd_vae_decoder.yaml"):
+    for name in ("autoencoder_kl_f8.yaml", "finetune_sd_vae_decoder.yaml", "finetune_eqvae.yaml"):
         cfg = load_config(
             [CONFIGS[0].parent / name],
             [

@@ -94,10 +94,14 @@ def test_export_ldm_file_loads_strictly(run_checkpoint, tmp_path, suffix: str) -
         assert not unexpected and all(k.startswith("loss.") for k in missing)
 
 
-def test_export_diffusers_without_scaling_factor_fails_clearly(run_checkpoint, tmp_path) -> None:
+def test_export_diffusers_without_scaling_factor_fails_clearly(run_checkpoint, tmp_path, capsys) -> None:
     path, _ = run_checkpoint
-    with pytest.raises(SystemExit, match="klvae-latent-stats"):
-        main([str(path), "--format", "diffusers", "--out", str(tmp_path / "x")])
+    assert main([str(path), "--format", "diffusers", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if "error:" in x]  # exactly one error line, no traceback
+    assert (
+        line.startswith("klvae-export: error: ") and "klvae-latent-stats" in line and "Traceback" not in err
+    )
 
 
 def test_python_m_export_help() -> None:
@@ -109,13 +113,12 @@ def test_python_m_export_help() -> None:
 
 def test_finetune_config_builds_a_frozen_encoder_ema_model(tmp_path) -> None:
     from omegaconf import OmegaConf
-    from omegaconf.errors import MissingMandatoryValue
 
-    from klvae.util import instantiate_from_config, to_container
+    from klvae.util import ConfigError, instantiate_from_config, to_container
 
     config = OmegaConf.load("configs/finetune_sd_vae_decoder.yaml")
-    with pytest.raises(MissingMandatoryValue):
-        to_container(config.model)  # ckpt_path: ??? must be given
+    with pytest.raises(ConfigError, match="model.params.ckpt_path"):
+        to_container(config)  # ckpt_path: ??? must be given, and the error names its full key
     params = config.model.params
     assert params.train_decoder_only is True and params.ema_decay == 0.9999
     source = AutoencoderKL(ddconfig=TINY, lossconfig=TINY_LOSSCONFIG, embed_dim=4)

@@ -77,8 +77,9 @@ def test_cli_on_an_image_folder(tmp_path) -> None:
     assert result["num_images"] == 5 and result["statistic"] == "posterior means"
     from klvae.eval_data import image_batches
 
-    batches, total = image_batches(str(tmp_path / "imgs"), 32, 5)
-    x, _ = next(batches)
+    batches = image_batches(str(tmp_path / "imgs"), 32, 5)
+    total = batches.total
+    x, _ = next(iter(batches))
     images = x
     z = InferenceVAE(model).encode(images)
     assert total == 5 and abs(result["scaling_factor"] - 1 / z.double().std().item()) < 1e-6

@@ -251,7 +251,7 @@ def _json_lines(text: str) -> list[dict]:
 def test_train_step_benchmark_cpu_smoke(capsys):
     _load_script("train_step").main(
         ["--device", "cpu", "--model", "tiny", "--batch", "1", "--resolution", "32", "--steps", "2",
-         "--warmup", "0", "--cases", "pre,post-alternate"]
+         "--warmup", "1", "--cases", "pre,post-alternate"]
     )  # fmt: skip
     records = _json_lines(capsys.readouterr().out)
     impls = {(r["impl"], r["case"]) for r in records}
@@ -259,6 +259,9 @@ def test_train_step_benchmark_cpu_smoke(capsys):
     for r in records:
         assert r["img_per_s"] > 0 and r["flops_per_iter"] > 0 and r["peak_mem_gib"] > 0
         assert r["mfu"] is None  # no --peak-tflops on CPU
+        # The same flags for every case; the warm-up (compile) apart from the steady state.
+        assert r["backend_flags"] == {"cudnn_benchmark": False, "tf32": False}
+        assert r["warmup_s"] > 0 and r["compile_s"] >= 0 and r["warmup_peak_mem_gib"] > 0
     # The same loss on the same network shape: diffusers and klvae count the same FLOPs (to 1 %).
     pre = {r["impl"]: r["flops_per_iter"] for r in records if r["case"] == "pre"}
     assert abs(pre["klvae"] / pre["diffusers-eager"] - 1) < 0.01
@@ -279,3 +282,53 @@ def test_codec_benchmark_cpu_smoke(capsys):
         ("klvae", "decode-64"),
     } <= ops
     assert all(r["mfu"] > 0 for r in records if "mfu" in r)
+
+
+# ---------------------------------------------------------------- compile backends and graph counting
+def test_compile_backend_option_is_validated():
+    assert parse_optimizations({"compile_backend": "aot_eager"}).compile_backend == "aot_eager"
+    with pytest.raises(ValueError, match="compile_backend"):
+        parse_optimizations({"compile_backend": "tensorrt"})
+    with pytest.raises(ValueError, match="compile_mode"):
+        parse_optimizations({"compile_backend": "aot_eager", "compile_mode": "max-autotune"})
+
+
+def test_lpips_trunk_region_is_really_compiled_and_counted(tiny_ddconfig, tiny_lossconfig):
+    from klvae.modules.distributions import DiagonalGaussianDistribution
+    from klvae.perf.apply import graph_counts
+
+    torch._dynamo.reset()
+    model = _model(tiny_ddconfig, tiny_lossconfig, {"compile": True, "compile_backend": "aot_eager",
+                                                    "compile_regions": ["lpips"]})  # fmt: skip
+    apply_runtime_optimizations(model, model.optimizations, torch.device("cpu"))
+    assert graph_counts(model) == {"lpips": 0}
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    x_hat = x.clone().requires_grad_(True)
+    posterior = DiagonalGaussianDistribution(torch.randn(2, 8, 4, 4))
+    for _ in range(3):
+        loss, _ = model.loss.generator_loss(x, x_hat, posterior, 0)
+        loss.backward()
+    # The input's branch (no gradient needed) and the reconstruction's: two graphs, no recompiles after.
+    assert graph_counts(model) == {"lpips": 2}
+    torch._dynamo.reset()
+
+
+def test_backend_flags_are_set_for_every_case():
+    from klvae.perf.bench import BackendFlags, set_backend_flags
+
+    before = (
+        torch.backends.cudnn.benchmark,
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+    )
+    try:
+        set_backend_flags(BackendFlags(cudnn_benchmark=True, tf32=True))
+        assert torch.backends.cudnn.benchmark and torch.backends.cuda.matmul.allow_tf32
+        set_backend_flags(BackendFlags(cudnn_benchmark=False, tf32=False))
+        assert not torch.backends.cudnn.benchmark and not torch.backends.cudnn.allow_tf32
+    finally:
+        (
+            torch.backends.cudnn.benchmark,
+            torch.backends.cuda.matmul.allow_tf32,
+            torch.backends.cudnn.allow_tf32,
+        ) = before

@@ -139,3 +139,42 @@ def test_overrides_apply_on_top_of_a_base_config(tmp_path):
     saved = OmegaConf.create({"data": {"params": {"train": {"sources": [{"shards": "a.tar"}]}}}, "x": 1})
     cfg = load_config([], ["data.params.train.sources.0.shards=b.tar", "x=2"], base=saved)
     assert to_container(cfg) == {"data": {"params": {"train": {"sources": [{"shards": "b.tar"}]}}}, "x": 2}
+
+
+class Typed:
+    def __init__(self, rate: float, steps: int, name: str = "x", flag: bool = False,
+                 sizes: list | None = None, maybe: int | None = None) -> None:  # fmt: skip
+        self.rate, self.steps = rate, steps
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"rate": "abc", "steps": 1}, "parameter 'rate' must be float, got 'abc' (str)"),
+        ({"rate": 1.0, "steps": 1.5}, "parameter 'steps' must be int, got 1.5"),
+        ({"rate": 1.0, "steps": True}, "parameter 'steps' must be int, got True"),
+        ({"rate": 1.0, "steps": 1, "flag": "yes"}, "parameter 'flag' must be bool"),
+        ({"rate": 1.0, "steps": 1, "sizes": 3}, "parameter 'sizes'"),
+        ({"rate": 1.0, "steps": 1, "maybe": "2"}, "parameter 'maybe'"),
+    ],
+)
+def test_instantiate_checks_yaml_values_against_type_hints(params, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        instantiate_from_config({"target": "tests.test_util.Typed", "params": params})
+
+
+def test_instantiate_accepts_ints_for_floats_and_none_for_optionals():
+    obj = instantiate_from_config(
+        {"target": "tests.test_util.Typed", "params": {"rate": 1, "steps": 2, "maybe": None, "sizes": [1]}}
+    )
+    assert obj.rate == 1 and obj.steps == 2
+
+
+def test_one_line_unwraps_errors_from_loader_workers():
+    from klvae.util import DataError, one_line
+
+    wrapped = DataError(
+        "Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "x.py", line 1, in f\nklvae.util.DataError: 0 of 5 samples in train source 0 decoded\n'
+    )
+    assert one_line(wrapped) == "0 of 5 samples in train source 0 decoded"

@@ -4,8 +4,11 @@
     python main.py -t -r logs/2025-01-01T00-00-00_autoencoder_kl_f8          # resume a run
     python main.py -b configs/demo.yaml -t model.params.lossconfig.params.disc_start=1000
 
-Bad invocations (missing file, unknown config key, --resume to nothing) end with one ``error:`` line and
-exit status 2; ``--traceback`` shows the full trace instead.
+Every user error -- a bad flag or config value, missing or undecodable data, an unusable checkpoint, a full
+or read-only disk -- ends with one ``error:`` line and exit status 2, at whatever stage it happens (config,
+data setup, the start of fit, resume, a checkpoint write); ``--traceback`` shows the full trace instead. A
+bug inside klvae keeps its traceback. After SIGTERM/SIGUSR1/Ctrl-C the exit status is 128 + the signal
+number (0 after a SLURM requeue); see docs/training.md.
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
-from klvae.util import ConfigError
+from klvae.util import is_user_error, one_line
 
 __all__ = ["build_parser", "main"]
 
@@ -90,14 +94,58 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["wandb", "csv", "tensorboard"],
         help="experiment logger (default wandb; offline on its own without API key or network)",
     )
-    a("--traceback", action="store_true", help="show full tracebacks for configuration errors")
+    a(
+        "--export",
+        choices=["diffusers", "ldm"],
+        default=None,
+        help="after training, export the best checkpoint (else last.ckpt) to <run>/export/ "
+        "(diffusers measures the latent scaling_factor on the validation data)",
+    )
+    a("--traceback", action="store_true", help="show full tracebacks for user errors too")
     return p
+
+
+# Warnings a user cannot act on: Lightning's generic advice that klvae's loaders already follow (or that
+# does not apply to iteration-based training), and W&B's chatter. Everything else still shows.
+_ROUTINE_WARNINGS = (
+    r".*does not have many workers.*",
+    r".*The number of training batches .* is smaller than the logging interval.*",
+    r".*Checkpoint directory .* exists and is not empty.*",
+    r".*that ended before the epoch ended.*",
+    r".*on_epoch=True.*sync_dist.*",
+    r".*It is recommended to use `self.log\(.*sync_dist=True\)`.*",
+    r".*Trying to infer the `batch_size`.*",
+    r".*You are using a CUDA device .* that has Tensor Cores.*",
+    r".*`isinstance\(treespec, LeafSpec\)` is deprecated.*",
+    r".*pkg_resources is deprecated.*",
+)
+
+
+def _silence_routine_warnings() -> None:
+    for pattern in _ROUTINE_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is now (in-process callers may swap it between runs)."""
+
+    @property
+    def stream(self):  # noqa: ANN201 (logging's attribute)
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # noqa: ANN001
+        pass
 
 
 def _configure_logging() -> None:
     klvae_log = logging.getLogger("klvae")
-    if not klvae_log.handlers:
-        handler = logging.StreamHandler()
+    if not any(isinstance(h, _StderrHandler) for h in klvae_log.handlers):
+        for old in [h for h in klvae_log.handlers if type(h) is logging.StreamHandler]:
+            klvae_log.removeHandler(old)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         klvae_log.addHandler(handler)
         klvae_log.setLevel(logging.INFO)
@@ -120,29 +168,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging()
     from klvae.run_dir import RUN_DIR_ENV
 
+    _silence_routine_warnings()
     saved_env = os.environ.get(RUN_DIR_ENV)
     try:
         from klvae.training import prepare, run
 
         try:
-            job = prepare(args)
-        except (ConfigError, ValueError, FileNotFoundError, ImportError, KeyError) as e:
-            if args.traceback:
+            return run(prepare(args))
+        except Exception as e:
+            if args.traceback or not is_user_error(e):
                 raise
-            print(f"error: {_one_line(e)}", file=sys.stderr)
+            print(f"error: {one_line(e)}", file=sys.stderr)
             return 2
-        return run(job)
     finally:
         # In-process callers (tests, notebooks) must not inherit this run's directory in their next run.
         if saved_env is None:
             os.environ.pop(RUN_DIR_ENV, None)
         else:
             os.environ[RUN_DIR_ENV] = saved_env
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e) if not isinstance(e, KeyError) else f"missing key {e}"
-    return " ".join(text.split()) or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -21,7 +21,9 @@ class ModuleEMA(nn.Module):
     Args:
         modules: name → live module to track (e.g. encoder, decoder, quant_conv, post_quant_conv).
         decay: target decay.
-        warmup: use LDM's ``min(decay, (1 + n) / (10 + n))`` so early updates are not dominated by init.
+        warmup: use LDM's LitEma warm-up ``min(decay, (1 + n) / (10 + n))``, n the number of updates
+            *including* this one (LitEma increments first): 0.1818 on the first update, so early updates
+            are not dominated by the initial weights.
     """
 
     def __init__(self, modules: Mapping[str, nn.Module], decay: float = 0.9999, warmup: bool = True) -> None:
@@ -33,6 +35,8 @@ class ModuleEMA(nn.Module):
         for name, module in modules.items():
             self.add_module(name, copy.deepcopy(module).requires_grad_(False))
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        # Host copy of num_updates: reading the buffer every step would wait for the device.
+        self._host_updates: int | None = None
 
     def _pairs(self, modules: Mapping[str, nn.Module]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         shadow, live = [], []
@@ -42,19 +46,26 @@ class ModuleEMA(nn.Module):
                 live.append(p)
         return shadow, live
 
-    def current_decay(self) -> float:
-        n = int(self.num_updates)
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 (nn.Module's hook)
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host_updates = None  # re-read num_updates once
+
+    def decay_for_update(self, n: int) -> float:
+        """Decay used by the n-th update (n = 1 for the first), LitEma's warm-up formula."""
         return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
 
     @torch.no_grad()
     def update(self, modules: Mapping[str, nn.Module]) -> None:
-        decay = self.current_decay()
+        if self._host_updates is None:
+            self._host_updates = int(self.num_updates)  # one sync after construction or a load
+        self._host_updates += 1
+        self.num_updates += 1
+        decay = self.decay_for_update(self._host_updates)
         # Frozen parameters (train_decoder_only's encoder) keep their shadow exactly as loaded: nothing
         # trains them, so the average must not drift toward anything.
         pairs = [(s, p) for s, p in zip(*self._pairs(modules), strict=True) if p.requires_grad]
         if pairs:
             torch._foreach_lerp_([s for s, _ in pairs], [p.detach() for _, p in pairs], 1.0 - decay)
-        self.num_updates += 1
 
     @torch.no_grad()
     def copy_from(self, modules: Mapping[str, nn.Module]) -> None:

@@ -3,22 +3,29 @@
 Uses the data package's readers and transform (resize the shorter side to ``resolution``, center crop
 ``resolution``², bicubic), the protocol of the published 256² evaluations, so the pixels match training's
 validation path exactly.
+
+Unlike training, nothing is ever substituted: a file or sample that cannot be used is skipped and
+recorded (key and reason) in :attr:`ImageBatches.skipped`, so the image count and per-image scores are
+exact and the report can list what was left out.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
+from webdataset.tariterators import tarfile_samples
 
 from klvae.data.folder import ImageFolderDataset
-from klvae.data.sharding import expand_shards
-from klvae.data.streams import ValStream
-from klvae.data.transforms import ImageTransform, to_model_batch
+from klvae.data.sharding import assign_shards, expand_shards, worker_info
+from klvae.data.transforms import ImageTransform, find_image_key, to_model_batch
+from klvae.data.workers import ignore_stop_signals
 
-__all__ = ["image_batches", "is_folder"]
+__all__ = ["ImageBatches", "image_batches", "is_folder"]
 
 
 def is_folder(source: str) -> bool:
@@ -27,41 +34,100 @@ def is_folder(source: str) -> bool:
 
 
 def _collate(samples: list[dict]) -> dict:
+    good = [s for s in samples if s["image"] is not None]
     return {
-        "image": to_model_batch([s["image"] for s in samples]),
-        "__key__": [s["__key__"] for s in samples],
+        "image": to_model_batch([s["image"] for s in good]) if good else None,
+        "__key__": [s["__key__"] for s in good],
+        "skipped": [{"key": s["__key__"], "error": s["error"]} for s in samples if s["image"] is None],
     }
 
 
-def image_batches(
-    source: str, resolution: int, batch_size: int, num_workers: int = 0
-) -> tuple[Iterator[tuple[torch.Tensor, list[str]]], int | None]:
+class _ShardSamples(IterableDataset):
+    """Every sample of the shards once, in order, split over workers; bad ones reported, not replaced."""
+
+    def __init__(self, urls: list[str], transform: ImageTransform, batch_size: int) -> None:
+        super().__init__()
+        self.urls, self.transform, self.batch_size = urls, transform, batch_size
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, num_workers = worker_info()
+        assignment = assign_shards(self.urls, 0, 1, worker, num_workers)
+        images: list = []
+        keys: list[str] = []
+        skipped: list[dict[str, str]] = []
+
+        def flush() -> dict:
+            batch = {"image": to_model_batch(images) if images else None, "__key__": list(keys),
+                     "skipped": list(skipped)}  # fmt: skip
+            images.clear(), keys.clear(), skipped.clear()
+            return batch
+
+        for url in assignment.urls:
+            errors: list[Exception] = []
+
+            def handler(exn: Exception, errors: list = errors) -> bool:
+                errors.append(exn)
+                return True
+
+            for index, sample in enumerate(tarfile_samples([{"url": url}], handler=handler)):
+                if index % assignment.stride != assignment.offset:
+                    continue
+                key = f"{Path(url).name}:{sample.get('__key__')}"
+                image_key = find_image_key(sample)
+                try:
+                    if image_key is None:
+                        raise ValueError(
+                            f"no image member (has {sorted(k for k in sample if not k.startswith('__'))})"
+                        )
+                    images.append(self.transform(sample[image_key], None))
+                    keys.append(key)
+                except Exception as exn:
+                    skipped.append({"key": key, "error": f"{type(exn).__name__}: {exn}"[:300]})
+                if len(images) == self.batch_size:
+                    yield flush()
+            skipped.extend({"key": Path(url).name, "error": f"read error: {e!r}"[:300]} for e in errors)
+            if os.path.isfile(url) and os.path.getsize(url) % 512 and assignment.offset == 0:
+                skipped.append(
+                    {"key": Path(url).name, "error": "truncated tar: samples after the cut are lost"}
+                )
+        if images or skipped:
+            yield flush()
+
+
+class ImageBatches:
+    """Iterate ``(images (B, 3, R, R) float in [-1, 1], keys)``; ``skipped`` fills up while iterating.
+
+    Attributes:
+        total: number of candidate images when known in advance (folders), else None.
+        skipped: ``{"key", "error"}`` for every file or sample that could not be used.
+    """
+
+    def __init__(self, loader: DataLoader, total: int | None) -> None:
+        self.loader, self.total = loader, total
+        self.skipped: list[dict[str, Any]] = []
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, list[str]]]:
+        for batch in self.loader:
+            self.skipped.extend(batch["skipped"])
+            if batch["image"] is not None:
+                yield batch["image"], list(batch["__key__"])
+
+
+def image_batches(source: str, resolution: int, batch_size: int, num_workers: int = 0) -> ImageBatches:
     """Batches of (images (B, 3, R, R) float in [-1, 1], keys) from a folder or shard spec.
 
     Args:
         source: an image folder (recursive) or shards (``/data/val-{000000..000009}.tar``, a glob, ``a::b``).
         resolution: R, the evaluation crop side.
-        batch_size: images per batch (the last one may be smaller).
+        batch_size: images per batch (the last one, and batches with skipped files, may be smaller).
         num_workers: DataLoader workers for decoding.
-
-    Returns:
-        (iterator, number of images if known (folders) else None).
     """
     transform = ImageTransform(resolution, train=False)
+    common = {"num_workers": num_workers, "worker_init_fn": ignore_stop_signals if num_workers else None}
     if is_folder(source):
-        dataset = ImageFolderDataset(source, transform)
-        loader = DataLoader(
-            dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_collate
-        )
-        total = len(dataset)
-    else:
-        urls = expand_shards(source, where="--data")
-        stream = ValStream(urls, transform, batch_size, "image", rank=0, world_size=1, seed=0)
-        loader = DataLoader(stream, batch_size=None, num_workers=num_workers)
-        total = None
-
-    def batches() -> Iterator[tuple[torch.Tensor, list[str]]]:
-        for batch in loader:
-            yield batch["image"], list(batch["__key__"])
-
-    return batches(), total
+        dataset = ImageFolderDataset(source, transform, substitute=False)
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=_collate, **common)
+        return ImageBatches(loader, len(dataset))
+    urls = expand_shards(source, where="--data")
+    loader = DataLoader(_ShardSamples(urls, transform, batch_size), batch_size=None, **common)
+    return ImageBatches(loader, None)

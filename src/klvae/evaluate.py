@@ -35,9 +35,14 @@ from klvae.metrics import (
     to_unit,
 )
 
-__all__ = ["EvalResult", "evaluate", "main", "save_grid"]
+__all__ = ["MIN_RFID_IMAGES", "EvalResult", "evaluate", "main", "save_grid"]
 
 log = logging.getLogger(__name__)
+
+# FID fits a 2048-dimensional Gaussian (Inception pool features): below 2048 images the covariance is
+# singular and the score is dominated by its bias (Heusel et al. 2017 use 50k; the LDM/SD VAE tables 5k-50k).
+# Below this count rFID is still computed but marked unreliable in metrics.json and in the printout.
+MIN_RFID_IMAGES = 2048
 
 
 @dataclass
@@ -126,21 +131,28 @@ def evaluate(
             break
     bar.close()
     if seen == 0:
-        raise ValueError("no images were evaluated: the data source is empty")
+        from klvae.util import DataError
+
+        raise DataError("no images were evaluated: the data source is empty or no file in it could be read")
     m: dict[str, Any] = {"num_images": seen}
     for name, values in scores.items():
         m[name] = float(np.concatenate(values).mean()) if values else None
         m[f"{name}_std"] = float(np.concatenate(values).std()) if values else None
     m["rfid"] = None
+    m["rfid_unreliable"] = None
     if inception is not None:
         if seen < 2:
             log.warning("rFID needs at least 2 images; skipped")
         else:
-            if seen < 2048:
-                log.warning(
-                    "rFID over %d < 2048 images is biased upwards; published numbers use 5k-50k", seen
-                )
             m["rfid"] = frechet_distance(*real.mean_cov(), *fake.mean_cov())
+            m["rfid_unreliable"] = seen < MIN_RFID_IMAGES
+            if m["rfid_unreliable"]:
+                log.warning(
+                    "rFID over %d images is UNRELIABLE: it needs at least %d (the Inception feature "
+                    "dimension; published numbers use 5k-50k); evaluate on %d more images",
+                    seen, MIN_RFID_IMAGES, MIN_RFID_IMAGES - seen,
+                )  # fmt: skip
+    m["rfid_min_images"] = MIN_RFID_IMAGES
     result.metrics = m
     return result
 
@@ -186,16 +198,30 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-ema", action="store_true", help="use live weights of a run checkpoint")
     p.add_argument("--grid-k", type=int, default=8, help="worst/best images in grid.png")
+    p.add_argument("--latent-metrics", action="store_true", help="also equivariance/spectrum/latent stats")
+    p.add_argument("--traceback", action="store_true", help="show full tracebacks for user errors too")
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
-    from klvae.eval_data import image_batches
-    from klvae.inference import InferenceVAE
-    from klvae.modules.perceptual import load_lpips
+def main(argv: list[str] | None = None) -> int:
+    from klvae.util import run_tool
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
+    return run_tool("klvae-eval", lambda: _run(args), args.traceback)
+
+
+def _run(args: argparse.Namespace) -> None:
+    from klvae.eval_data import image_batches
+    from klvae.inference import InferenceVAE
+    from klvae.modules.perceptual import load_lpips
+    from klvae.util import ConfigError, load_user_file
+
+    for name in ("resolution", "batch_size", "grid_k"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be >= 1, got {args.limit}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     errors: dict[str, str] = {}
@@ -212,10 +238,14 @@ def main(argv: list[str] | None = None) -> None:
         except FileNotFoundError as e:
             errors["rfid"] = str(e)
             log.error("rFID skipped: %s", e)
-    vae = InferenceVAE.from_pretrained(
-        args.checkpoint, use_ema=False if args.no_ema else None, device=args.device
+    vae = load_user_file(
+        f"checkpoint {args.checkpoint}",
+        lambda: InferenceVAE.from_pretrained(
+            args.checkpoint, use_ema=False if args.no_ema else None, device=args.device
+        ),
     )
-    batches, total = image_batches(args.data, args.resolution, args.batch_size, args.num_workers)
+    batches = image_batches(args.data, args.resolution, args.batch_size, args.num_workers)
+    total = batches.total
     result = evaluate(
         vae,
         batches,
@@ -235,21 +265,35 @@ def main(argv: list[str] | None = None) -> None:
         "resolution": args.resolution,
         "posterior": "sample" if args.sample else "mode",
         "quantized": not args.no_quantize,
+        "num_skipped": len(batches.skipped),
+        "skipped": batches.skipped,  # files/samples that could not be used: never replaced by others
         "errors": errors,
     }
+    if batches.skipped:
+        log.warning(
+            "%d file(s) skipped (unreadable or not an image), listed in metrics.json; first: %s",
+            len(batches.skipped), batches.skipped[0],
+        )  # fmt: skip
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=True) + "\n")
     (out / "per_image.jsonl").write_text("".join(json.dumps(r) + "\n" for r in result.per_image))
     save_grid(result, out / "grid.png")
+    if args.latent_metrics:  # klvae.latent_metrics: latent_metrics.json + latent_spectrum.png in out
+        from klvae.latent_metrics import write_latent_metrics
+
+        write_latent_metrics(vae, args.data, args.resolution, args.batch_size, out, args.device, args.limit)
 
     def fmt(v: float | None) -> str:
         return "n/a" if v is None else ("inf" if math.isinf(v) else f"{v:.4f}")
 
+    rfid = fmt(result.metrics["rfid"])
+    if result.metrics["rfid_unreliable"]:
+        rfid += f" (UNRELIABLE: {result.metrics['num_images']} < {MIN_RFID_IMAGES} images)"
     log.info(
-        "%d images at %d²: PSNR %s  SSIM %s  LPIPS %s  rFID %s  -> %s",
-        result.metrics["num_images"], args.resolution, fmt(result.metrics["psnr"]), fmt(result.metrics["ssim"]),
-        fmt(result.metrics["lpips"]), fmt(result.metrics["rfid"]), out,
+        "%d images at %d² (%d skipped): PSNR %s  SSIM %s  LPIPS %s  rFID %s  -> %s",
+        result.metrics["num_images"], args.resolution, len(batches.skipped), fmt(result.metrics["psnr"]),
+        fmt(result.metrics["ssim"]), fmt(result.metrics["lpips"]), rfid, out,
     )  # fmt: skip
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

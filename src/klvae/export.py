@@ -158,21 +158,53 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--prefix", default="", help="ldm format: key prefix, e.g. first_stage_model.")
     p.add_argument("--ddconfig", default=None, help="JSON ddconfig when the checkpoint does not record one")
+    p.add_argument("--traceback", action="store_true", help="show full tracebacks for user errors too")
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    from klvae.util import run_tool
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
-    ddconfig = json.loads(args.ddconfig) if args.ddconfig else None
-    weights = read_vae_weights(args.checkpoint, ddconfig=ddconfig, use_ema=args.use_ema)
+    return run_tool("klvae-export", lambda: _run(args), args.traceback)
+
+
+def _json_arg(flag: str, text: str) -> Any:
+    from klvae.util import ConfigError
+
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{flag}: not valid JSON ({e}): {text[:80]!r}") from None
+
+
+def _run(args: argparse.Namespace) -> None:
+    from klvae.util import ConfigError, load_user_file
+
+    ddconfig = _json_arg("--ddconfig", args.ddconfig) if args.ddconfig else None
+    if args.latent_stats is not None:
+        stats_path = Path(args.latent_stats)
+        if not stats_path.is_file():
+            raise ConfigError(
+                f"--latent-stats {args.latent_stats!r}: no such file (write it with klvae-latent-stats)"
+            )
+        stats = _json_arg(f"--latent-stats {args.latent_stats}", stats_path.read_text())
+        if not isinstance(stats, dict) or "scaling_factor" not in stats:
+            raise ConfigError(
+                f"--latent-stats {args.latent_stats!r}: no 'scaling_factor' (not klvae-latent-stats output)"
+            )
+    weights = load_user_file(
+        f"checkpoint {args.checkpoint}",
+        lambda: read_vae_weights(args.checkpoint, ddconfig=ddconfig, use_ema=args.use_ema),
+    )
     scale, shift = resolve_latent_factors(
         weights, args.scaling_factor, args.shift_factor, args.latent_stats, args.with_shift
     )
     if args.format == "diffusers":
         if scale is None:
-            raise SystemExit(
-                "klvae-export: the diffusers config needs scaling_factor. Compute it with klvae-latent-stats and "
+            raise ConfigError(
+                "the diffusers config needs scaling_factor. Compute it with klvae-latent-stats and "
                 f"pass --latent-stats stats.json, or pass --scaling-factor ({SD_SCALING_FACTOR} is right only for "
                 "SD's VAE and decoder-only fine-tunes of it)."
             )
@@ -186,4 +218,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

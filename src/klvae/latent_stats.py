@@ -54,7 +54,9 @@ class LatentStats:
     def result(self) -> dict[str, Any]:
         """``scaling_factor`` (1/std over all values), ``shift_factor`` (mean), and per-channel stats."""
         if self.mean is None or self.n < 2:
-            raise ValueError("latent statistics need at least two latent values; no images were encoded")
+            from klvae.util import DataError
+
+            raise DataError("latent statistics need at least two latent values; no images were encoded")
         channels = self.mean.shape[0]
         mean = float(self.mean.mean())  # channels hold equal counts, so this is the overall mean
         # Overall variance = within-channel + between-channel parts.
@@ -117,19 +119,35 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--out", default=None, help="write the JSON here (default: print only)")
+    p.add_argument("--traceback", action="store_true", help="show full tracebacks for user errors too")
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
-    from klvae.eval_data import image_batches
-    from klvae.inference import InferenceVAE
+def main(argv: list[str] | None = None) -> int:
+    from klvae.util import run_tool
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
-    vae = InferenceVAE.from_pretrained(
-        args.checkpoint, use_ema=False if args.no_ema else None, device=args.device
+    return run_tool("klvae-latent-stats", lambda: _run(args), args.traceback)
+
+
+def _run(args: argparse.Namespace) -> None:
+    from klvae.eval_data import image_batches
+    from klvae.inference import InferenceVAE
+    from klvae.util import ConfigError, load_user_file
+
+    for name in ("resolution", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be >= 1, got {args.limit}")
+    vae = load_user_file(
+        f"checkpoint {args.checkpoint}",
+        lambda: InferenceVAE.from_pretrained(
+            args.checkpoint, use_ema=False if args.no_ema else None, device=args.device
+        ),
     )
-    batches, _ = image_batches(args.data, args.resolution, args.batch_size, args.num_workers)
+    batches = image_batches(args.data, args.resolution, args.batch_size, args.num_workers)
 
     def limited() -> Iterable[torch.Tensor]:
         seen = 0
@@ -141,7 +159,16 @@ def main(argv: list[str] | None = None) -> None:
             yield x
 
     result = compute_latent_stats(vae, limited(), sample=not args.mode, device=args.device)
-    result.update(checkpoint=str(args.checkpoint), data=args.data, resolution=args.resolution)
+    result.update(
+        checkpoint=str(args.checkpoint),
+        data=args.data,
+        resolution=args.resolution,
+        num_skipped=len(batches.skipped),
+        skipped=batches.skipped,  # never replaced by other images: num_images is exact
+    )
+    if batches.skipped:
+        log.warning("%d file(s) skipped (unreadable or not an image); first: %s", len(batches.skipped),
+                    batches.skipped[0])  # fmt: skip
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
@@ -153,4 +180,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -84,10 +84,15 @@ def build_logger(kind: str, run: RunDir, name: str, project: str | None, launch:
     """
     if kind not in LOGGERS:
         raise ConfigError(f"--logger {kind!r}: choose one of {list(LOGGERS)}")
-    if kind == "csv":
-        return CSVLogger(save_dir=str(run.root), name="csv", version=launch)
-    if kind == "tensorboard":
-        return TensorBoardLogger(save_dir=str(run.root), name="tensorboard", version=launch)
+    if kind in ("csv", "tensorboard"):
+        # Two launches of one run within the same second (a quick resume) must not share a version
+        # directory: the second would overwrite the first one's metrics.
+        version, n = launch, 0
+        while (run.root / kind / version).exists():
+            n += 1
+            version = f"{launch}_{n}"
+        cls = CSVLogger if kind == "csv" else TensorBoardLogger
+        return cls(save_dir=str(run.root), name=kind, version=version)
     mode, reason = wandb_mode()
     run_id = run.read_wandb_id()
     if run_id is None:

@@ -11,7 +11,9 @@ Layout::
 
 Processes started by Lightning's DDP launcher re-run ``main.py``; they find the directory chosen by rank 0
 in ``$KLVAE_RUN_DIR`` instead of computing a new timestamp. In a SLURM job the name uses the job id
-instead of a timestamp, so every node agrees on it and a requeued job finds its own run again.
+instead of a timestamp, so every node agrees on it and a requeued job finds its own run again. Otherwise
+the directory is created with an atomic ``mkdir`` (no ``exist_ok``): two launches in the same second get
+``<timestamp>_<name>`` and ``<timestamp>_<name>_1``, never one shared directory.
 """
 
 from __future__ import annotations
@@ -91,38 +93,88 @@ def slurm_job_tag() -> str | None:
     return None
 
 
-def create_run_dir(logdir: str | os.PathLike, name: str, now: str) -> RunDir:
-    """The directory of a new run; reuses ``$KLVAE_RUN_DIR`` when a DDP launcher set it for us."""
+def create_run_dir(logdir: str | os.PathLike, name: str, now: str, create: bool = True) -> RunDir:
+    """The directory of a new run; reuses ``$KLVAE_RUN_DIR`` when a DDP launcher set it for us.
+
+    Args:
+        logdir: parent directory (created if needed).
+        name: run name; the directory is ``<timestamp or SLURM job tag>_<name>``.
+        now: this launch's timestamp.
+        create: make the directory (rank 0). Other ranks only compute the name.
+
+    Raises:
+        OSError: the logdir cannot be created or written (full disk, read-only, no permission).
+    """
     inherited = os.environ.get(RUN_DIR_ENV)
     if inherited:
         return RunDir(Path(inherited))
-    tag = slurm_job_tag() or now
-    run = RunDir(Path(logdir) / f"{tag}_{name}")
+    tag = slurm_job_tag()
+    root = Path(logdir) / f"{tag or now}_{name}"
+    if create:
+        Path(logdir).mkdir(parents=True, exist_ok=True)
+        if tag:  # one directory per SLURM job, shared by all its nodes and by its requeued runs
+            root.mkdir(exist_ok=True)
+        else:
+            for n in range(1, 10_000):
+                try:
+                    root.mkdir()  # atomic: exactly one concurrent launch succeeds for each name
+                    break
+                except FileExistsError:
+                    root = Path(logdir) / f"{now}_{name}_{n}"
+    run = RunDir(root)
     os.environ[RUN_DIR_ENV] = str(run.root)  # inherited by the processes Lightning's launcher starts
     return run
+
+
+def _resume_candidates(run: RunDir) -> list[Path]:
+    """``last.ckpt`` first, then the other checkpoints newest first."""
+    if not run.checkpoints.is_dir():
+        return []
+    others = [p for p in run.checkpoints.glob("*.ckpt") if p.name != "last.ckpt"]
+    others.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    return ([run.last_ckpt] if run.last_ckpt.is_file() else []) + others
 
 
 def resolve_resume(resume: str) -> tuple[RunDir | None, Path]:
     """Map ``--resume`` (a run directory or a ``.ckpt``) to ``(run dir or None, checkpoint path)``.
 
     A checkpoint inside ``<run>/checkpoints/`` belongs to ``<run>``; one elsewhere starts a new run dir.
+    Every candidate is verified first (checksum, loadable, finite weights: ``checkpoint_problem``). For a
+    run directory a damaged ``last.ckpt`` falls back to the newest checkpoint that verifies, saying so.
 
     Raises:
-        ConfigError: the path does not exist, or a run directory without ``checkpoints/last.ckpt``.
+        ConfigError: the path does not exist; the named checkpoint is damaged; a run directory with no
+            usable checkpoint.
     """
+    from klvae.callbacks.checkpointing import checkpoint_problem
+
     path = Path(resume)
     if not path.exists():
         raise ConfigError(f"--resume {resume!r}: no such run directory or checkpoint file")
     if path.is_file():
+        problem = checkpoint_problem(path)
+        if problem:
+            raise ConfigError(
+                f"--resume {resume!r}: cannot resume from this checkpoint: {problem}; "
+                "pass an older checkpoint or the run directory (which picks the newest good one)"
+            )
         if path.parent.name == "checkpoints" and (path.parent.parent / "configs").is_dir():
             return RunDir(path.parent.parent), path
         return None, path
     run = RunDir(path)
-    if not run.last_ckpt.is_file():
-        ckpts = sorted(run.checkpoints.glob("*.ckpt")) if run.checkpoints.is_dir() else []
-        hint = f"; it has {[c.name for c in ckpts]}: pass one of them" if ckpts else ""
-        raise ConfigError(f"--resume {resume!r}: {run.last_ckpt} does not exist{hint}")
-    return run, run.last_ckpt
+    rejected = []
+    for candidate in _resume_candidates(run):
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            if rejected:
+                log.warning("resuming from %s instead: %s", candidate.name, "; ".join(rejected))
+            return run, candidate
+        rejected.append(f"{candidate.name} {problem}")
+    if rejected:
+        raise ConfigError(f"--resume {resume!r}: no usable checkpoint: " + "; ".join(rejected))
+    raise ConfigError(
+        f"--resume {resume!r}: {run.last_ckpt} does not exist and {run.checkpoints} has no *.ckpt"
+    )
 
 
 def load_run_config(run: RunDir) -> DictConfig:

@@ -26,7 +26,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path), device="cpu")
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as e:  # SafetensorError: truncated header, bad JSON, cut-off data
+            raise ValueError(f"{path} is not a readable .safetensors file ({type(e).__name__}: {e})") from e
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle.UnpicklingError under weights_only: arbitrary objects inside

@@ -26,7 +26,6 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.environments import SLURMEnvironment
-from pytorch_lightning.strategies import DDPStrategy
 
 from klvae.callbacks import (
     AtomicCheckpointIO,
@@ -39,6 +38,7 @@ from klvae.callbacks import (
     TopKCheckpoint,
 )
 from klvae.data.stats import DataStatsCallback
+from klvae.ddp import PerOptimizerDDPStrategy
 from klvae.run_dir import RunDir
 from klvae.util import ConfigError, instantiate_from_config, to_container
 
@@ -152,9 +152,9 @@ def plan_trainer(
     if strategy in ("ddp", "ddp_find_unused_parameters_true") or (
         strategy == "auto" and n_devices * n_nodes > 1
     ):
-        # Manual optimization runs two backwards per step over disjoint parameter sets (find_unused);
-        # the BatchNorm discriminator runs real and fake forwards before one backward (no buffer broadcast).
-        kw["strategy"] = DDPStrategy(find_unused_parameters=True, broadcast_buffers=False)
+        # The two updates step disjoint parameter sets: each averages only its own gradients, once per
+        # update (klvae.ddp); no DDP wrapper, so no all-reduce of the idle module's zeros.
+        kw["strategy"] = PerOptimizerDDPStrategy()
 
     max_iterations = lightning.get("max_iterations")
     if max_iterations is not None:
@@ -212,7 +212,8 @@ def build_trainer(
         ThroughputMonitor(),
         DataStatsCallback(),  # pops batch["_skipped"] before the model sees it; logs data/skipped_*
     ]
-    if ck["save_top_k"] and ck["monitor"]:
+    keep_top_k = bool(ck["save_top_k"] and ck["monitor"])
+    if keep_top_k:
         callbacks.append(
             TopKCheckpoint(
                 dirpath=run.checkpoints,
@@ -242,6 +243,9 @@ def build_trainer(
         pl.Trainer(
             **plan.trainer_kwargs,
             default_root_dir=str(run.root),
+            # Without a top-k callback Lightning would add its own ModelCheckpoint, writing a second set of
+            # checkpoints under the logger's folder; IterationCheckpoint owns last.ckpt and iter_*.ckpt.
+            enable_checkpointing=keep_top_k,
             logger=logger,
             callbacks=callbacks,
             plugins=plugins,

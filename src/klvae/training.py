@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,10 +13,11 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.utilities.exceptions import SIGTERMException
+from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 from pytorch_lightning.utilities.model_helpers import is_overridden
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
+from klvae.callbacks.checkpointing import remove_stale_temp_files
 from klvae.run_dir import (
     RunDir,
     config_diff,
@@ -25,8 +28,8 @@ from klvae.run_dir import (
     slurm_job_tag,
     timestamp,
 )
-from klvae.trainer_setup import TrainerPlan, build_trainer, plan_trainer
-from klvae.util import ConfigError, instantiate_from_config, load_config
+from klvae.trainer_setup import TrainerPlan, build_trainer, parse_gpus, plan_trainer
+from klvae.util import ConfigError, instantiate_from_config, load_config, to_container
 
 __all__ = ["Job", "prepare", "run", "scale_learning_rate"]
 
@@ -101,13 +104,75 @@ def _merge_configs(args: argparse.Namespace) -> tuple[DictConfig, RunDir | None,
     return merged, run, ckpt
 
 
+def _build(section: str, block: Any) -> Any:
+    # Constructors reject bad argument values with ValueError (the Python convention): a config error here.
+    try:
+        return instantiate_from_config(block)
+    except ValueError as e:
+        raise ConfigError(f"{section}: {e}") from e
+
+
+def _check_data_fits_model(config: DictConfig, data: Any) -> None:
+    """The crop side must be a multiple of the encoder's downsampling factor (8 for kl-f8), else the
+    decoder's output does not match the input and the first step fails deep inside the loss."""
+    ch_mult = config.model.get("params", {}).get("ddconfig", {}).get("ch_mult")
+    transform = getattr(data, "train_transform", None) or getattr(data, "val_transform", None)
+    size = getattr(transform, "size", None)
+    if not ch_mult or not isinstance(size, int):
+        return
+    factor = 2 ** (len(ch_mult) - 1)
+    if size % factor:
+        raise ConfigError(
+            f"data.params.size={size} is not a multiple of the autoencoder's downsampling factor {factor} "
+            f"(ddconfig.ch_mult has {len(ch_mult)} levels); use e.g. {size - size % factor or factor}"
+        )
+
+
+def _check_resume_fits_model(model: pl.LightningModule, ckpt: Path) -> None:
+    """An incompatible resume (another ddconfig, another model) fails here in one line, not in Lightning."""
+    state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("state_dict", {})
+    own = model.state_dict()
+    shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    missing = [k for k in own if k not in state] if getattr(model, "strict_loading", True) else []
+    unexpected = [k for k in state if k not in own] if getattr(model, "strict_loading", True) else []
+    if shapes or missing or unexpected:
+        parts = []
+        if shapes:
+            k = shapes[0]
+            parts.append(
+                f"{len(shapes)} shape mismatch(es) (first: {k} {tuple(state[k].shape)} in the checkpoint, "
+                f"{tuple(own[k].shape)} in the model)"
+            )
+        if missing:
+            parts.append(f"{len(missing)} weight(s) missing from the checkpoint (first: {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected weight(s) (first: {unexpected[0]})")
+        raise ConfigError(
+            f"--resume {ckpt}: the checkpoint does not fit the model the config builds: {'; '.join(parts)}. "
+            "Resume with the run's own config (-r RUN_DIR) or start a new run that warm-starts from it "
+            "(model.params.ckpt_path)"
+        )
+
+
 def prepare(args: argparse.Namespace) -> Job:
-    """Merge configs, create or reopen the run directory, build model, data, logger and Trainer.
+    """Merge configs, build model and data, then create or reopen the run directory, logger and Trainer.
+
+    The run directory is created only once the model and the data built (and the data found its files):
+    a failed start leaves nothing behind.
 
     Raises:
         ConfigError: any problem with the flags or the config, with a one-line message.
+        DataError: the data cannot be used (missing folder, no images).
     """
+    if args.gpus is not None:
+        parse_gpus(args.gpus)  # a malformed value first, then whether there are GPUs at all
+    if args.gpus is not None and not torch.cuda.is_available():
+        raise ConfigError(
+            f"--gpus {args.gpus!r}: no CUDA GPU is visible on this machine (torch.cuda.is_available() is False); "
+            "drop --gpus to train on the CPU, or check CUDA_VISIBLE_DEVICES and the driver"
+        )
     config, run, ckpt = _merge_configs(args)
+    to_container(config)  # a `???` left unset or a broken ${...} fails now, naming its full key
     unknown = sorted(set(config) - set(TOP_LEVEL_KEYS))
     if unknown:
         raise ConfigError(f"unknown top-level config key(s) {unknown}; expected {list(TOP_LEVEL_KEYS)}")
@@ -116,29 +181,73 @@ def prepare(args: argparse.Namespace) -> Job:
             raise ConfigError(f"the config has no '{key}:' section (merged from {args.base})")
     if not args.train and ckpt is None:
         raise ConfigError("without -t/--train there is nothing to do unless -r/--resume names a checkpoint")
+    if not args.train and args.no_test:
+        raise ConfigError(
+            "nothing to do: without -t, -r only evaluates the checkpoint and --no-test skips that; "
+            "add -t to continue training"
+        )
     if torch.cuda.is_available():  # TF32 matmuls/convs: ~free speed on Ampere+, well within bf16 noise
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    accumulate = int(config.model.get("params", {}).get("accumulate_grad_batches", 1))
+    accumulate = config.model.get("params", {}).get("accumulate_grad_batches", 1)
+    if not isinstance(accumulate, int) or isinstance(accumulate, bool) or accumulate < 1:
+        raise ConfigError(f"model.params.accumulate_grad_batches must be an int >= 1, got {accumulate!r}")
     plan = plan_trainer(config.get("lightning", {}), args.gpus, args.num_nodes, args.precision, accumulate)
-    now = timestamp()
-    if run is None or args.name:  # a new run directory (possibly warm-started from --resume's checkpoint)
-        name = args.name or (Path(args.base[0]).stem if args.base else "run")
-        run = create_run_dir(args.logdir, name, now)
+    if plan.max_iterations is not None and (
+        not isinstance(plan.max_iterations, int) or isinstance(plan.max_iterations, bool)
+    ):
+        raise ConfigError(f"lightning.max_iterations must be an integer, got {plan.max_iterations!r}")
+    if plan.trainer_kwargs.get("enable_progress_bar", True) and "progress_bar" not in plan.callbacks:
+        plan.callbacks["progress_bar"] = {
+            "target": "klvae.callbacks.progress.IterationProgressBar",
+            "params": {"max_iterations": plan.max_iterations},
+        }
     pl.seed_everything(args.seed, workers=True, verbose=False)
     scale_learning_rate(config, plan, args.scale_lr)
-    if rank_zero_only.rank == 0:
-        run.make()
-        saved = save_config(run, config, now)
-        rank_zero_only(log.info)(f"run directory {run.root} (config: {saved.name})")
 
-    model = instantiate_from_config(config.model)
-    data = instantiate_from_config(config.data)
-    from klvae.loggers import build_logger
+    model = _build("model", config.model)
+    data = _build("data", config.data)
+    if isinstance(data, pl.LightningDataModule):
+        data.setup("fit" if args.train else "validate")  # missing folders and shards fail now
+    _check_data_fits_model(config, data)
+    if (
+        not args.train
+        and isinstance(data, pl.LightningDataModule)
+        and not is_overridden("test_dataloader", data)
+    ) and not data.val_dataloader():
+        raise ConfigError(
+            "nothing to do: without -t, -r only evaluates the checkpoint, but the data config has no "
+            "validation split; add -t to continue training, or configure validation data"
+        )
+    if ckpt is not None:
+        _check_resume_fits_model(model, ckpt)
 
-    logger = build_logger(args.logger, run, run.root.name, args.project, launch=now)
-    trainer, checkpointer = build_trainer(plan, run, logger, args.seed)
+    now = timestamp()
+    rank0 = rank_zero_only.rank == 0
+    created = None
+    if run is None or args.name:  # a new run directory (possibly warm-started from --resume's checkpoint)
+        name = args.name or (Path(args.base[0]).stem if args.base else "run")
+        run = create_run_dir(args.logdir, name, now, create=rank0)
+        created = run.root if rank0 and not os.environ.get("LOCAL_RANK") else None
+    try:
+        if rank0:
+            run.make()
+            remove_stale_temp_files(run.checkpoints)  # left by a writer killed mid-save (SIGKILL, OOM)
+            saved = save_config(run, config, now)
+            rank_zero_only(log.info)(f"run directory {run.root} (config: {saved.name})")
+
+        from klvae.loggers import build_logger
+
+        logger = build_logger(args.logger, run, run.root.name, args.project, launch=now)
+        try:
+            trainer, checkpointer = build_trainer(plan, run, logger, args.seed)
+        except (MisconfigurationException, ValueError) as e:  # Lightning's and the callbacks' argument checks
+            raise ConfigError(f"lightning: {' '.join(str(e).split())}") from e
+    except BaseException:
+        if created is not None:  # nothing ran yet: a failed start leaves no directory behind
+            shutil.rmtree(created, ignore_errors=True)
+        raise
     return Job(args, config, run, ckpt, model, data, trainer, checkpointer)
 
 
@@ -151,8 +260,17 @@ def _evaluate(job: Job, ckpt_path: str | None) -> None:
         trainer.validate(model, datamodule=data, ckpt_path=ckpt_path)
 
 
+def _preemption(trainer: pl.Trainer) -> Any:
+    from klvae.callbacks.preemption import PreemptionHandler
+
+    return next((c for c in trainer.callbacks if isinstance(c, PreemptionHandler)), None)
+
+
 def run(job: Job) -> int:
-    """Fit (``-t``) and evaluate (unless ``--no-test``); returns the exit status."""
+    """Fit (``-t``) and evaluate (unless ``--no-test``); returns the exit status.
+
+    After a stop signal: ``128 + signal`` (0 after a SLURM requeue), see ``PreemptionHandler``.
+    """
     trainer, args = job.trainer, job.args
     stopped_by_signal = False
     try:
@@ -160,20 +278,53 @@ def run(job: Job) -> int:
             trainer.fit(
                 job.model, datamodule=job.data, ckpt_path=str(job.ckpt_path) if job.ckpt_path else None
             )
-        if not args.no_test and not trainer.interrupted:
+        handler = _preemption(trainer)
+        stopped_by_signal = handler is not None and handler.received is not None
+        if not args.no_test and not trainer.interrupted and not stopped_by_signal:
+            if not args.train:
+                rank_zero_only(log.info)(
+                    f"evaluating {job.ckpt_path} (no -t: nothing is trained; add -t to continue training)"
+                )
             _evaluate(job, None if args.train else str(job.ckpt_path))
     except SIGTERMException:
         # PreemptionHandler wrote last.ckpt at the end of the batch; a clean exit lets SLURM requeue.
         stopped_by_signal = True
     finally:
+        _shutdown_loader_workers(trainer)
         _finish_wandb(trainer)
+    handler = _preemption(trainer)
     if stopped_by_signal:
         rank_zero_only(log.info)(f"stopped by signal; resume with: python main.py -t -r {job.run.root}")
-    elif args.train:
-        rank_zero_only(log.info)(
-            f"done: {getattr(job.model, 'iteration', '?')} iterations; checkpoints in {job.run.checkpoints}"
-        )
+        code = handler.exit_code if handler is not None else None
+        return 128 + 15 if code is None else code
+    if args.train:
+        from klvae.summary import export_at_end, training_summary
+
+        exported = export_at_end(job, args.export) if getattr(args, "export", None) else None
+        if trainer.is_global_zero:
+            for line in training_summary(job, exported):
+                log.info(line)
     return 0
+
+
+def _shutdown_loader_workers(trainer: pl.Trainer) -> None:
+    """Stop persistent DataLoader workers through the DataLoader's own protocol.
+
+    Workers ignore SIGTERM (so a scheduler's signal to the process group reaches only the main process);
+    left to Python's exit, multiprocessing would SIGTERM them and then wait forever.
+    """
+    loaders = []
+    for attr in ("train_dataloader", "val_dataloaders", "test_dataloaders"):
+        try:
+            value = getattr(trainer, attr, None)
+        except Exception:  # a loop without loaders
+            continue
+        loaders.extend(value if isinstance(value, list | tuple) else [value])
+    for loader in loaders:
+        iterator = getattr(loader, "_iterator", None)
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if callable(shutdown):
+            shutdown()
 
 
 def _finish_wandb(trainer: pl.Trainer) -> None:

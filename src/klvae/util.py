@@ -6,16 +6,28 @@ Objects never see OmegaConf: configs are resolved into plain dicts/lists first, 
 
 from __future__ import annotations
 
+import errno
 import importlib
 import inspect
-from collections.abc import Mapping, Sequence
+import logging
+import sys
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 __all__ = [
+    "DISK_ERRNOS",
     "ConfigError",
+    "DataError",
+    "TrainingDivergedError",
+    "is_user_error",
+    "load_user_file",
+    "one_line",
+    "run_tool",
     "get_obj_from_str",
     "instantiate_from_config",
     "load_config",
@@ -27,10 +39,98 @@ class ConfigError(ValueError):
     """A config that cannot be turned into objects; the message names the offending key or value."""
 
 
+class TrainingDivergedError(RuntimeError):
+    """Training cannot go on for a reason the user fixes in the recipe (e.g. updates that keep producing
+    non-finite losses); the message names the iteration and what to change."""
+
+
+class DataError(ValueError):
+    """Training or evaluation data that cannot be used (nothing decodes, a source is empty, ...).
+
+    Raised inside DataLoader workers too: PyTorch re-raises it in the main process as ``DataError(text)``
+    with the worker's traceback in ``text``, so the constructor takes exactly one string.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+
+
+# Disk and permission failures of the user's file system: full disk, quota, read-only mount, no permission.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def is_user_error(e: BaseException) -> bool:
+    """True for errors the user fixes (config, data, files, disk), False for bugs (which keep tracebacks).
+
+    ``KeyError``/``TypeError``/``AttributeError`` are never user errors here: config problems raise
+    :class:`ConfigError` where the value is read, so those only come from code.
+    """
+    if isinstance(e, ConfigError | DataError | TrainingDivergedError):
+        return True
+    if isinstance(e, FileNotFoundError | IsADirectoryError | NotADirectoryError | PermissionError):
+        return True
+    return isinstance(e, OSError) and e.errno in DISK_ERRNOS
+
+
+def one_line(e: BaseException) -> str:
+    """The error as one line; for an error re-raised from a DataLoader worker, the worker's own message."""
+    text = str(e)
+    if (
+        "Original Traceback" in text
+    ):  # "Caught DataError in DataLoader worker process 0. Original Traceback..."
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].endswith("Error") else last
+    if isinstance(e, OSError) and e.errno in DISK_ERRNOS and e.filename:
+        hint = {errno.ENOSPC: "free disk space", errno.EDQUOT: "free quota"}.get(
+            e.errno, "choose a writable location (e.g. another --logdir / --out)"
+        )
+        text = f"cannot write {e.filename!s}: {e.strerror}; {hint}"
+    elif isinstance(e, OSError) and e.errno in DISK_ERRNOS:
+        text = f"{e}; free disk space or choose a writable location"
+    return " ".join(text.split()) or type(e).__name__
+
+
+def load_user_file(what: str, loader: Callable[[], Any]) -> Any:
+    """Call ``loader`` (reading a user-given checkpoint or file); its ValueError becomes a ConfigError.
+
+    Loading code rejects unreadable, truncated or wrong-format files with ValueError naming the file.
+    """
+    try:
+        return loader()
+    except ValueError as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{what}: {e}") from e
+
+
+def run_tool(prog: str, body: Callable[[], Any], traceback: bool) -> int:
+    """Run a command-line tool's ``body``: user errors become one ``prog: error: ...`` line and status 2.
+
+    With ``traceback`` (the tools' ``--traceback`` flag) they propagate with the full trace instead.
+    Bugs (anything :func:`is_user_error` rejects) always keep their traceback.
+    """
+    try:
+        body()
+    except Exception as e:
+        if traceback or not is_user_error(e):
+            raise
+        logging.getLogger(__name__).debug("user error", exc_info=True)
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def to_container(config: Any) -> Any:
     """Resolve interpolations and return plain Python containers (dict/list/scalars)."""
     if isinstance(config, DictConfig | ListConfig):
-        return OmegaConf.to_container(config, resolve=True, throw_on_missing=True)
+        from omegaconf.errors import OmegaConfBaseException
+
+        try:
+            return OmegaConf.to_container(config, resolve=True, throw_on_missing=True)
+        except OmegaConfBaseException as e:  # `???` left unset, a broken ${interpolation}
+            key = getattr(e, "full_key", None) or "?"
+            detail = str(e).splitlines()[0]
+            raise ConfigError(f"config key {key}: {detail}; set it in the YAML or as {key}=VALUE") from None
     if isinstance(config, Mapping):
         return {k: to_container(v) for k, v in config.items()}
     if isinstance(config, list | tuple):
@@ -82,6 +182,53 @@ def _check_arguments(target: str, obj: Any, params: Mapping[str, Any]) -> None:
     )
     if missing:
         raise ConfigError(f"{target}: missing required parameter(s) {missing} in params")
+    _check_types(target, obj, signature, params)
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _matches(value: Any, hint: Any) -> bool | None:
+    """Whether ``value`` fits the type hint; None when the hint is too rich to check (then: accept)."""
+    if hint is Any or hint is inspect.Parameter.empty:
+        return True
+    origin = typing.get_origin(hint)
+    if origin is Union or origin is types.UnionType:
+        results = [_matches(value, h) for h in typing.get_args(hint)]
+        return any(r is None or r for r in results)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:  # YAML writes 1e-4 as a float but 1 as an int: both are numbers
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    base = origin or hint
+    if base in (list, tuple, Sequence, typing.Sequence):
+        return isinstance(value, list | tuple)
+    if base in (dict, Mapping, typing.Mapping):
+        return isinstance(value, Mapping)
+    return None
+
+
+def _check_types(target: str, obj: Any, signature: inspect.Signature, params: Mapping[str, Any]) -> None:
+    """A YAML value of the wrong type (``kl_weight: abc``) fails here, naming the parameter, not deep inside."""
+    try:
+        hints = typing.get_type_hints(obj.__init__ if inspect.isclass(obj) else obj)
+    except Exception:  # unresolvable annotations: nothing to check against
+        return
+    for name, value in params.items():
+        if name not in signature.parameters or name not in hints:
+            continue
+        if _matches(value, hints[name]) is False:
+            raise ConfigError(
+                f"{target}: parameter {name!r} must be {_type_name(hints[name])}, got {value!r} "
+                f"({type(value).__name__}); fix it in the config's params"
+            )
 
 
 def instantiate_from_config(config: Mapping[str, Any] | DictConfig, **extra: Any) -> Any:

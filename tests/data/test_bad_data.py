@@ -114,3 +114,23 @@ def test_callback_logs_skip_counts_as_metrics(bad_shard: str, tmp_path: Path) ->
     # 12 good training samples = 4 passes over the shard's 3 good ones: at least 3 passes' worth of skips.
     assert metrics["data/skipped_corrupt_image"] >= 6
     assert metrics["data/skipped_total"] >= 12
+
+
+def test_tar_cut_inside_a_member_header_is_counted(tmp_path) -> None:
+    import tarfile
+
+    from klvae.data.sharding import ShardAssignment
+    from klvae.data.stats import SkipCounter
+    from klvae.data.streams import read_shard
+    from tests.data.conftest import encode, random_image, write_shard
+
+    path = write_shard(
+        tmp_path / "a.tar", [{"__key__": f"{i}", "jpg": encode(random_image(i))} for i in range(4)]
+    )
+    with tarfile.open(path) as tar:
+        third = tar.getmembers()[2].offset
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(path.read_bytes()[: third + 100])  # 100 bytes into the third member's header
+    counter = SkipCounter()
+    assert len(list(read_shard(str(cut), ShardAssignment((str(cut),)), counter))) == 2
+    assert counter.total["read_error"] == 1

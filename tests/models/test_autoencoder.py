@@ -138,7 +138,8 @@ def test_gradient_clipping_bounds_the_norm_seen_by_the_optimizer(tiny_ddconfig, 
                 ]
                 norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
 
-            trainer.optimizers[0].register_step_pre_hook(record)
+            # after the step: clipping happens inside optimizer.step() (on_before_optimizer_step)
+            trainer.optimizers[0].register_step_post_hook(record)
 
     fit(model, 2, [Hook()])
     assert len(norms) == 2 and all(n <= 1e-3 * (1 + 1e-4) for n in norms)
@@ -246,3 +247,22 @@ def test_channels_last_batch_is_rejected_with_shape(tiny_ddconfig, tiny_lossconf
 def test_invalid_module_option_raises_naming_it(tiny_ddconfig, tiny_lossconfig, key, value):
     with pytest.raises(ValueError, match=key):
         make_model(tiny_ddconfig, tiny_lossconfig, **{key: value})
+
+
+def test_ema_warmup_matches_litema_counting_after_increment():
+    from klvae.ema import ModuleEMA
+
+    live = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(live.weight)
+    ema = ModuleEMA({"m": live}, decay=0.9999)
+    expected = torch.zeros(())
+    for n in range(1, 4):
+        live.weight.data.fill_(float(n))
+        ema.update({"m": live})
+        d = min(0.9999, (1 + n) / (10 + n))  # LDM's LitEma: num_updates += 1, then this decay
+        expected = d * expected + (1 - d) * n
+        torch.testing.assert_close(ema.m.weight[0, 0], expected)
+    assert int(ema.num_updates) == 3
+    restored = ModuleEMA({"m": live}, decay=0.9999)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.decay_for_update(int(restored.num_updates) + 1) == pytest.approx(5 / 14)

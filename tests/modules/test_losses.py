@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from klvae.modules.distributions import DiagonalGaussianDistribution
-from klvae.modules.losses import LPIPSWithDiscriminator, hinge_d_loss, vanilla_d_loss
+from klvae.modules.losses import LastLayer, LPIPSWithDiscriminator, hinge_d_loss, vanilla_d_loss
 
 B, C, H, W = 2, 3, 32, 32
 
@@ -99,29 +99,99 @@ def test_gan_terms_exactly_zero_before_disc_start_and_discriminator_not_run(batc
     assert d_loss.item() == 0.0
 
 
-def test_adaptive_weight_and_generator_loss_after_disc_start():
+def _reference_generator_loss(loss_fn, x, x_hat, posterior, last_weight, disc_factor):
+    """LDM's formula written out: λ from two autograd.grad calls into the last conv weight."""
+    per_pixel = (x_hat - x).abs() if loss_fn.pixel_loss == "l1" else (x_hat - x) ** 2
+    rec = loss_fn.pixel_weight * per_pixel
+    if loss_fn.perceptual_loss is not None:
+        rec = rec + loss_fn.perceptual_weight * loss_fn.perceptual_loss(x, x_hat)
+    nll = rec / torch.exp(loss_fn.logvar) + loss_fn.logvar
+    nll = nll.sum() / B if loss_fn.reduction == "sum" else nll.mean()
+    kl = posterior.kl().sum() / B
+    g = -loss_fn.discriminator(x_hat).mean()
+    grad_nll = torch.autograd.grad(nll, last_weight, retain_graph=True)[0]
+    grad_g = torch.autograd.grad(g, last_weight, retain_graph=True)[0]
+    lam = (
+        torch.clamp(grad_nll.norm() / (grad_g.norm() + 1e-4), 0, 1e4).detach() * loss_fn.discriminator_weight
+    )
+    return nll + loss_fn.kl_weight * kl + lam * disc_factor * g, lam, g
+
+
+@pytest.mark.parametrize("pixel_loss", ["l1", "l2"])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("disc_loss", ["hinge", "vanilla"])
+@pytest.mark.parametrize("tanh_out", [False, True])
+def test_adaptive_weight_and_gradients_equal_the_two_autograd_grad_formula(
+    pixel_loss, reduction, disc_loss, tanh_out
+):
     torch.manual_seed(0)
-    loss_fn = make_loss(disc_start=3, disc_weight=0.7, kl_weight=0.0)
-    # a stand-in "decoder": its last layer is a 3×3 conv whose weight W is what λ differentiates against.
-    features = torch.randn(B, 4, H, W)
-    last_layer = torch.randn(3, 4, 3, 3, requires_grad=True)
+    loss_fn = make_loss(disc_start=3, disc_weight=0.7, kl_weight=1e-2, pixel_loss=pixel_loss, reduction=reduction,
+                        disc_loss=disc_loss, perceptual_weight=0.5, perceptual_backbone="random", learn_logvar=True,
+                        disc_factor=0.8)  # fmt: skip
+    # A stand-in decoder: learnable features h → last conv (the layer λ differentiates against) [→ tanh].
+    h = torch.randn(B, 4, H, W, requires_grad=True)
+    conv = torch.nn.Conv2d(4, 3, 3, padding=1)
+    mean = torch.randn(B, 4, 4, 4, requires_grad=True)
     x = torch.rand(B, C, H, W) * 2 - 1
-    posterior = DiagonalGaussianDistribution(torch.zeros(B, 8, 4, 4))
+    params = [h, conv.weight, conv.bias, mean, loss_fn.logvar]
 
-    x_hat = F.conv2d(features, last_layer, padding=1)
-    loss, logs = loss_fn.generator_loss(x, x_hat, posterior, 3, last_layer=last_layer)
+    def decode():
+        y = conv(h)
+        return torch.tanh(y) if tanh_out else y
 
-    # by hand, on a fresh graph
-    x_hat2 = F.conv2d(features, last_layer, padding=1)
-    nll = (x_hat2 - x).abs().sum() / B
-    g = -loss_fn.discriminator(x_hat2).mean()
-    grad_nll = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
-    grad_g = torch.autograd.grad(g, last_layer, retain_graph=True)[0]
-    lam = torch.clamp(grad_nll.norm() / (grad_g.norm() + 1e-4), 0, 1e4) * 0.7
-    torch.testing.assert_close(logs["train/d_weight"], lam.detach())
+    def posterior():
+        return DiagonalGaussianDistribution(torch.cat([mean, torch.zeros_like(mean)], dim=1))
+
+    ref, lam, g = _reference_generator_loss(loss_fn, x, decode(), posterior(), conv.weight, 0.8)
+    ref_grads = torch.autograd.grad(ref, params)
+
+    saved = {}
+    conv.register_forward_hook(lambda m, args, out: saved.update(h=args[0]))
+    loss, logs = loss_fn.generator_loss(x, decode(), posterior(), 3, LastLayer(conv, saved["h"], tanh_out))
+    grads = torch.autograd.grad(loss, params)
+
+    torch.testing.assert_close(logs["train/d_weight"], lam, rtol=1e-5, atol=0)
     torch.testing.assert_close(logs["train/g_loss"], g.detach())
-    torch.testing.assert_close(loss, nll + lam.detach() * 1.0 * g)
-    assert logs["train/disc_factor"].item() == 1.0
+    torch.testing.assert_close(loss.detach(), ref.detach(), rtol=1e-6, atol=1e-6)
+    assert lam.item() > 0 and logs["train/disc_factor"].item() == pytest.approx(0.8)
+    for name, a, b in zip(["h", "weight", "bias", "mean", "logvar"], grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item(), msg=name)
+
+
+class ConvBackwardCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += func is torch.ops.aten.convolution_backward.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_generator_loss_runs_lpips_and_discriminator_backward_once():
+    """The adaptive weight costs no extra backward through LPIPS, D or the decoder (LDM's way: two more)."""
+    torch.manual_seed(0)
+    loss_fn = make_loss(disc_start=0, perceptual_weight=0.5, perceptual_backbone="random")
+    loss_fn.discriminator.requires_grad_(False)  # as in the autoencoder update (toggle_optimizer)
+    conv = torch.nn.Conv2d(4, 3, 3, padding=1)
+    h = torch.randn(B, 4, H, W, requires_grad=True)
+    x = torch.rand(B, C, H, W) * 2 - 1
+    posterior = DiagonalGaussianDistribution(torch.randn(B, 8, 4, 4))
+    n_lpips = sum(isinstance(m, torch.nn.Conv2d) for m in loss_fn.perceptual_loss.modules())
+    n_disc = sum(isinstance(m, torch.nn.Conv2d) for m in loss_fn.discriminator.modules())
+    n_convs = n_lpips + n_disc + 1
+    saved = {}
+    conv.register_forward_hook(lambda m, args, out: saved.update(h=args[0]))
+    with ConvBackwardCounter() as new:
+        loss, _ = loss_fn.generator_loss(x, conv(h), posterior, 0, LastLayer(conv, saved["h"]))
+        loss.backward()
+    with ConvBackwardCounter() as old:
+        ref, _, _ = _reference_generator_loss(loss_fn, x, conv(h), posterior, conv.weight, 1.0)
+        ref.backward()
+    # Each conv's backward once, plus the two weight-only conv2d_weight calls of the last layer ...
+    assert new.calls == n_convs + 2
+    # ... where LDM's formula runs LPIPS' (for nll) and D's (for g) backward twice, the last conv thrice.
+    assert old.calls == n_convs + n_lpips + n_disc + 2, (old.calls, n_convs, n_lpips, n_disc)
 
 
 def test_validation_uses_zero_adaptive_weight(batch):
@@ -179,3 +249,20 @@ def test_lpips_is_frozen_and_stays_in_eval_mode():
 def test_invalid_loss_option_raises_naming_it(key, value):
     with pytest.raises(ValueError, match=key):
         make_loss(**{key: value})
+
+
+def test_loss_scale_for_the_x_hat_gradients_changes_nothing_in_fp32():
+    torch.manual_seed(0)
+    loss_fn = make_loss(disc_start=0, perceptual_weight=0.5, perceptual_backbone="random", learn_logvar=True)
+    conv = torch.nn.Conv2d(4, 3, 3, padding=1)
+    h = torch.randn(B, 4, H, W, requires_grad=True)
+    x = torch.rand(B, C, H, W) * 2 - 1
+    posterior = DiagonalGaussianDistribution(torch.randn(B, 8, 4, 4))
+    results = []
+    for scale in (None, torch.full((1,), 2.0**12)):  # GradScaler keeps its scale as a (1,) tensor
+        x_hat = conv(h)
+        loss, logs = loss_fn.generator_loss(x, x_hat, posterior, 0, LastLayer(conv, h), grad_scale=scale)
+        assert loss.shape == ()
+        results.append((logs["train/d_weight"], *torch.autograd.grad(loss, [h, conv.weight, loss_fn.logvar])))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

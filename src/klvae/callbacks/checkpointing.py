@@ -1,17 +1,21 @@
-"""Checkpoint files: atomic writes, ``weights_only`` loads, and cadences counted in training iterations.
+"""Checkpoint files: atomic, verified writes, ``weights_only`` loads, cadences counted in training iterations.
 
 Lightning's own ``TorchCheckpointIO`` streams into the destination path, so a crash (OOM kill, SLURM
 time limit) during the write leaves a truncated ``last.ckpt``. Here every checkpoint goes to a temporary
 file in the same directory, is fsynced and then renamed over the target: readers see the old file or
-the new one, never half of one.
+the new one, never half of one. Beside each file, ``<name>.sha256`` records its SHA-256 (and the
+previous file's, so a crash between the two renames still verifies), which detects a file damaged later
+(flipped bits, a copy cut short): :func:`checkpoint_problem` checks it before a resume. A checkpoint whose
+weights are not finite (NaN/inf) is never written: the last good one stays.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
-import tempfile
-from collections.abc import Callable
+import secrets
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +24,16 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
-__all__ = ["AtomicCheckpointIO", "IterationCheckpoint", "TopKCheckpoint", "load_checkpoint", "iteration_of"]
+__all__ = [
+    "AtomicCheckpointIO",
+    "IterationCheckpoint",
+    "TopKCheckpoint",
+    "checkpoint_problem",
+    "iteration_of",
+    "load_checkpoint",
+    "nonfinite_tensors",
+    "remove_stale_temp_files",
+]
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +57,63 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _checksum_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _recorded_checksums(path: Path) -> list[str]:
+    sidecar = _checksum_path(path)
+    if not sidecar.is_file():
+        return []
+    return [line.split()[0] for line in sidecar.read_text().splitlines() if line.strip()]
+
+
+def _open_temp(path: Path) -> tuple[int, str]:
+    # os.open with mode 0o666 lets the umask decide the final mode (mkstemp would force 0600).
+    tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    fd, tmp = _open_temp(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to ``path`` through a temp file in the same directory, fsync and ``os.replace``."""
+    """``torch.save`` to ``path`` through a temp file in the same directory, fsync and ``os.replace``.
+
+    The SHA-256 goes to ``<path>.sha256`` first (listing the new and the current file's sums), then the
+    checkpoint is renamed into place: at every instant the file on disk matches a recorded sum.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _open_temp(path)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        digest = sha256_of(tmp)  # read back from the page cache: what is on disk, not what we meant
+        previous = _recorded_checksums(path)[:1] if path.is_file() else []
+        lines = [f"{digest}  {path.name}"] + [f"{p}  {path.name} (previous)" for p in previous if p != digest]
+        _write_file(_checksum_path(path), ("\n".join(lines) + "\n").encode())
         os.replace(tmp, path)
     except BaseException:
         # Leave no half-written temp file behind (and never touch the previous good checkpoint).
@@ -61,6 +121,55 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def remove_stale_temp_files(directory: str | os.PathLike) -> list[Path]:
+    """Delete ``.*.tmp`` files a killed writer left in ``directory``; returns what was removed."""
+    directory = Path(directory)
+    removed = []
+    for tmp in sorted(directory.glob(".*.tmp")) if directory.is_dir() else []:
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except OSError as e:
+            log.warning("could not remove stale temp file %s: %s", tmp, e)
+    if removed:
+        log.info("removed %d unfinished checkpoint temp file(s) from %s", len(removed), directory)
+    return removed
+
+
+def nonfinite_tensors(tensors: Iterable[tuple[str, Any]]) -> list[str]:
+    """Names of floating-point tensors that hold NaN or inf (one reduction per tensor, on its device)."""
+    bad = []
+    for name, t in tensors:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad.append(name)
+    return bad
+
+
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` is not safe to resume from (damaged, unloadable, non-finite weights), or None.
+
+    Checks the recorded SHA-256 when ``<path>.sha256`` exists, then loads with ``weights_only=True``
+    (memory-mapped: cheap) and checks that every weight in ``state_dict`` is finite.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return "does not exist"
+    recorded = _recorded_checksums(path)
+    if recorded and sha256_of(path) not in recorded:
+        return f"its SHA-256 does not match {_checksum_path(path).name} (the file was damaged after writing)"
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        return f"cannot be loaded ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        return "holds no state_dict (not a training checkpoint)"
+    bad = nonfinite_tensors(state.items())
+    if bad:
+        return f"{len(bad)} weight tensor(s) are NaN/inf (first: {bad[0]})"
+    return None
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
@@ -89,7 +198,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} does not take storage_options (got {storage_options!r})")
+        bad = nonfinite_tensors((checkpoint.get("state_dict") or {}).items())
+        if bad:
+            # The last line of defence (the callbacks check first): never replace good weights with NaN.
+            log.warning(
+                "NOT writing %s: %d weight tensor(s) are NaN/inf (first: %s); the previous file stays",
+                path, len(bad), bad[0],
+            )  # fmt: skip
+            return
         atomic_torch_save(checkpoint, path)
+
+    def remove_checkpoint(self, path: str | os.PathLike) -> None:
+        for p in (Path(path), _checksum_path(Path(path))):
+            if p.is_file():
+                p.unlink()
 
     def load_checkpoint(
         self,
@@ -130,15 +252,41 @@ class IterationCheckpoint(Callback):
         self.every_n_iterations = every_n_iterations or 0
         self.last_every_n_iterations = last_every_n_iterations or self.every_n_iterations
         self._last_saved_iteration: int | None = None
+        self._last_good_iteration: int | None = None
 
     @property
     def last_path(self) -> Path:
         return self.dirpath / "last.ckpt"
 
-    def save_last(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Path:
-        """Write ``last.ckpt`` now (every rank must call this: ``save_checkpoint`` has a barrier)."""
-        trainer.save_checkpoint(self.last_path, weights_only=False)  # False: the full training state
+    def weights_finite(self, pl_module: pl.LightningModule, what: str) -> bool:
+        """False (with a warning) when a weight is NaN/inf; every rank agrees (DDP replicas are equal)."""
+        bad = nonfinite_tensors(pl_module.state_dict().items())
+        if not bad:
+            return True
+        good = self._last_good_iteration
+        log.warning(
+            "NOT writing %s at iteration %d: %d weight tensor(s) are NaN/inf (first: %s); %s",
+            what, iteration_of(pl_module), len(bad), bad[0],
+            f"last.ckpt stays the last good checkpoint (iteration {good})" if good is not None
+            else "the previous checkpoints stay",
+        )  # fmt: skip
+        return False
+
+    def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule, path: Path) -> bool:
+        if not self.weights_finite(pl_module, path.name):
+            return False
+        trainer.save_checkpoint(path, weights_only=False)  # False: the full training state
+        return True
+
+    def save_last(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Path | None:
+        """Write ``last.ckpt`` now (every rank must call this: ``save_checkpoint`` has a barrier).
+
+        Returns the path, or None when the weights are not finite and nothing was written.
+        """
         self._last_saved_iteration = iteration_of(pl_module)
+        if not self._save(trainer, pl_module, self.last_path):
+            return None
+        self._last_good_iteration = iteration_of(pl_module)
         return self.last_path
 
     def on_train_batch_end(
@@ -150,7 +298,7 @@ class IterationCheckpoint(Callback):
         keep = self.every_n_iterations and it % self.every_n_iterations == 0
         last = self.last_every_n_iterations and it % self.last_every_n_iterations == 0
         if keep:
-            trainer.save_checkpoint(self.dirpath / f"iter_{it:08d}.ckpt", weights_only=False)
+            self._save(trainer, pl_module, self.dirpath / f"iter_{it:08d}.ckpt")
         if keep or last:
             self.save_last(trainer, pl_module)
 
@@ -161,6 +309,20 @@ class IterationCheckpoint(Callback):
 
 class TopKCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` keeping the top-k by a validation metric, able to name files by ``{iteration}``."""
+
+    def _save_topk_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
+        # Decided before Lightning ranks the file, so its top-k bookkeeping never names a file not written.
+        value = monitor_candidates.get(self.monitor) if self.monitor else None
+        if value is not None and not torch.isfinite(value).all():
+            log.warning(
+                "not ranking iteration %d among the best checkpoints: %s is %s",
+                iteration_of(trainer.lightning_module), self.monitor, value.item(),
+            )  # fmt: skip
+            return
+        if nonfinite_tensors(trainer.lightning_module.state_dict().items()):
+            log.warning("NOT writing a best checkpoint: the weights are NaN/inf")
+            return
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
 
     def _monitor_candidates(self, trainer: pl.Trainer) -> dict[str, torch.Tensor]:
         candidates = super()._monitor_candidates(trainer)

@@ -115,6 +115,23 @@ class IterationSeeder(Callback):
     def __init__(self, seed: int) -> None:
         self.seed = int(seed)
 
+    def state_dict(self) -> dict[str, Any]:
+        # The reseeding makes training independent of these; they are saved so that what runs before the
+        # first batch of a resumed launch (sanity validation, image logging) also continues exactly.
+        state: dict[str, Any] = {"seed": self.seed, "torch": torch.get_rng_state()}
+        state["numpy"] = torch.from_numpy(np.random.get_state()[1].astype(np.int64))
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "torch" in state:
+            torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(list(state["cuda"]))
+        if "numpy" in state:
+            np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
+
     def _reseed(self, *position: int) -> None:
         key = hash((self.seed, *position)) & 0xFFFF_FFFF  # int tuples hash identically in every process
         torch.manual_seed(key)
@@ -127,4 +144,5 @@ class IterationSeeder(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        # batch_idx counts on from the checkpointed loop progress after a mid-epoch resume.
         self._reseed(trainer.global_rank, trainer.current_epoch, batch_idx)

@@ -1,11 +1,18 @@
-"""SLURM-friendly preemption: SIGUSR1 / SIGTERM write ``last.ckpt`` and stop training cleanly.
+"""SLURM-friendly preemption: SIGUSR1 / SIGTERM / SIGINT (Ctrl-C) write ``last.ckpt`` and stop cleanly.
 
 SLURM sends SIGUSR1 ahead of the time limit when the job has ``#SBATCH --signal=USR1@90`` and SIGTERM on
 preemption. The handler only sets a flag; the checkpoint is written at the end of the current training
 batch (a consistent state), by every rank together, then training stops. On SIGUSR1 inside a SLURM job
 the job is requeued (``scontrol requeue``), and the requeued job resumes from the run directory
 (see ``klvae.run_dir``). Lightning's own SLURM auto-requeue is switched off by the CLI so that exactly one
-mechanism handles the signal.
+mechanism handles the signal. DataLoader workers ignore these signals (``klvae.data.workers``), so a
+signal sent to the whole process group, as schedulers and terminals do, reaches the main process only.
+
+Exit status (:attr:`PreemptionHandler.exit_code`): ``128 + signal number`` (143 for SIGTERM, 130 for
+Ctrl-C, 138 for SIGUSR1), what a process killed by that signal reports to a shell or scheduler, so
+retry/requeue policies that look for "terminated by a signal" keep working; 0 after SIGUSR1 when this
+process requeued the SLURM job itself (the job is not failed, it continues). A second Ctrl-C stops at
+once, without a checkpoint.
 """
 
 from __future__ import annotations
@@ -42,20 +49,34 @@ class PreemptionHandler(Callback):
         self.requeue = requeue
         self.received: int | None = None  # the signal number, once one arrived
         self.saved_path: str | None = None
+        self.requeued = False
         self._previous: dict[int, Any] = {}
 
-    def _handle(self, signum: int, frame: Any) -> None:
+    @property
+    def exit_code(self) -> int | None:
+        """The process exit status after a signal stopped training (see the module docstring); else None."""
+        if self.received is None:
+            return None
+        return 0 if self.requeued else 128 + int(self.received)
+
+    def _handle(self, signum: int, frame: Any) -> None:  # noqa: ARG002 (signal handler signature)
         # Only set a flag: a signal handler runs between two bytecodes, anywhere in a training step.
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now
         self.received = signum
-        previous = self._previous.get(signum)
-        if callable(previous):  # keep Lightning's SIGTERM bookkeeping (trainer.received_sigterm) working
-            previous(signum, frame)
+        if signum == signal.SIGINT:
+            rank_zero_only(log.warning)(
+                "Ctrl-C: writing last.ckpt after this batch (press again to stop now)"
+            )
+            return
+        # Lightning's own SIGTERM handler is not chained: it would raise SIGTERMException out of the loop
+        # at the next batch, skipping the orderly stop (and the loader workers' shutdown) this one does.
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Registered here, after Lightning installed its own SIGTERM handler, which we chain to.
         if threading.current_thread() is not threading.main_thread():
             return
-        for signum in (signal.SIGUSR1, signal.SIGTERM):
+        for signum in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             self._previous[signum] = signal.getsignal(signum)
             signal.signal(signum, self._handle)
 
@@ -70,40 +91,50 @@ class PreemptionHandler(Callback):
         self._save(trainer, pl_module)
         trainer.should_stop = True
         if self.received == signal.SIGUSR1 and self.requeue and trainer.is_global_zero:
-            self._requeue()
+            self.requeued = self._requeue()
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         # SIGTERM during validation: Lightning stops inside the validation loop, before any train batch end.
         # Weights and optimizers are consistent there; single-process only (no collectives mid-teardown).
-        if isinstance(exception, SIGTERMException) and self.saved_path is None and trainer.world_size == 1:
+        if (
+            isinstance(exception, SIGTERMException | KeyboardInterrupt)
+            and self.saved_path is None
+            and trainer.world_size == 1
+            and not (isinstance(exception, KeyboardInterrupt) and self.received == signal.SIGINT)
+        ):
             self._save(trainer, pl_module)
 
     def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        name = signal.Signals(self.received).name if self.received else "SIGTERM"
-        self.saved_path = str(self.checkpointer.save_last(trainer, pl_module))
+        if self.received is None:  # Lightning's own SIGTERM flag without ours (handler not yet installed)
+            self.received = signal.SIGTERM
+        name = signal.Signals(self.received).name
+        saved = self.checkpointer.save_last(trainer, pl_module)
+        self.saved_path = str(saved) if saved is not None else ""
+        what = f"wrote {saved}" if saved is not None else "did NOT write last.ckpt (weights are NaN/inf)"
         rank_zero_only(log.info)(
-            f"{name} received: wrote {self.saved_path} at iteration {iteration_of(pl_module)}; stopping. "
+            f"{name} received: {what} at iteration {iteration_of(pl_module)}; stopping. "
             f"Resume with: python main.py -t -r {self.checkpointer.dirpath.parent}"
         )
 
     @staticmethod
-    def _requeue() -> None:
+    def _requeue() -> bool:
         job = os.environ.get("SLURM_JOB_ID")
         if os.environ.get("SLURM_ARRAY_JOB_ID"):
             job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
         if not job:
-            return
+            return False
         try:
             result = subprocess.run(["scontrol", "requeue", job], check=False, timeout=60).returncode
         except (OSError, subprocess.TimeoutExpired) as e:
             log.warning("could not requeue SLURM job %s: %s", job, e)
-            return
+            return False
         if result == 0:
             rank_zero_only(log.info)(f"requeued SLURM job {job}")
-        else:
-            log.warning("scontrol requeue %s failed with exit code %d", job, result)
+            return True
+        log.warning("scontrol requeue %s failed with exit code %d", job, result)
+        return False
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for signum, handler in self._previous.items():

@@ -1,8 +1,11 @@
 """``ImageFolderDataModule``: a folder tree of images, same transforms and batch format as the shards.
 
-For small runs, demos and tests. Map-style, so under DDP Lightning adds its DistributedSampler (shuffled
-for training, in order for validation). A corrupt or too-small file is counted and replaced by another
-file (the batch stays full); the counts travel in ``batch["_skipped"]`` like the webdataset loader's.
+For small runs, demos and tests. Map-style, with klvae's own sampler (``klvae.data.resume``): the order is a
+function of (seed, epoch) and each crop/flip of (seed, epoch, file index), and the training loader's
+position is checkpointed, so a resumed run sees exactly the batches the uninterrupted one would. In
+training and validation a corrupt or too-small file is counted and replaced by another file (the batch
+stays full); the counts travel in ``batch["_skipped"]`` like the webdataset loader's. Evaluation tools use
+``substitute=False``: a bad file is then skipped and reported, never replaced.
 """
 
 from __future__ import annotations
@@ -16,8 +19,12 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from klvae.data.resume import ResumableLoader, ResumableSampler
+from klvae.data.sharding import distributed_info
 from klvae.data.stats import SKIP_KINDS, SKIPPED_KEY, SkipCounter
 from klvae.data.transforms import IMAGE_EXTENSIONS, ImageTooSmallError, ImageTransform, to_model_batch
+from klvae.data.workers import ignore_stop_signals
+from klvae.util import ConfigError, DataError
 
 __all__ = ["ImageFolderDataModule", "ImageFolderDataset", "list_images"]
 
@@ -29,7 +36,7 @@ def list_images(root: str | Path) -> list[Path]:
     """All image files under ``root`` (recursive, sorted, extension match case-insensitive)."""
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise ValueError(f"image folder {str(root)!r} does not exist or is not a directory")
+        raise DataError(f"image folder {str(root)!r} does not exist or is not a directory")
     files = sorted(
         Path(dirpath) / name
         for dirpath, _, names in os.walk(root, followlinks=True)
@@ -37,28 +44,46 @@ def list_images(root: str | Path) -> list[Path]:
         if Path(name).suffix.lower() in _FOLDER_EXTENSIONS
     )
     if not files:
-        raise ValueError(f"image folder {str(root)!r} holds no {sorted(_FOLDER_EXTENSIONS)} files")
+        raise DataError(f"image folder {str(root)!r} holds no {sorted(_FOLDER_EXTENSIONS)} files")
     return files
 
 
 class ImageFolderDataset(Dataset):
-    """Images under a folder -> dict samples ``{"image": uint8 (size, size, 3), "__key__", "_skipped"}``."""
+    """Images under a folder -> dict samples ``{"image": uint8 (size, size, 3), "__key__", "_skipped"}``.
 
-    def __init__(self, root: str | Path, transform: ImageTransform, seed: int = 0) -> None:
+    Indices are ints or ``(epoch, index)`` pairs (from :class:`ResumableSampler`); the crop and flip of a
+    sample are drawn from a generator seeded with (seed, epoch, index), so they do not depend on the
+    worker, on the process or on what ran before.
+
+    Args:
+        root: the folder (searched recursively).
+        transform: the train or validation transform.
+        seed: mixed into every sample's generator.
+        substitute: replace a bad file by another one (training: the batch stays full). Without it a bad
+            file yields ``{"image": None, "__key__", "error"}`` for the caller to skip and report.
+    """
+
+    def __init__(
+        self, root: str | Path, transform: ImageTransform, seed: int = 0, substitute: bool = True
+    ) -> None:
         self.root = Path(root).expanduser()
         self.files = list_images(self.root)
         self.transform = transform
         self.seed = seed
+        self.substitute = substitute
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        # torch.initial_seed() differs per worker and per epoch (the DataLoader draws a base seed per
-        # iterator), so crops change between epochs; validation crops are centred and ignore the rng.
-        rng = random.Random(f"{self.seed}/{torch.initial_seed()}/{index}")
+    def _key(self, path: Path) -> str:
+        return str(path.relative_to(self.root).with_suffix(""))
+
+    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any]:
+        epoch, index = index if isinstance(index, tuple) else (0, index)
+        rng = random.Random(f"klvae/{self.seed}/{epoch}/{index}")
         counter = SkipCounter()
-        for attempt in range(_MAX_RETRIES):
+        first_error = ""
+        for attempt in range(_MAX_RETRIES if self.substitute else 1):
             # Replace a bad file by a pseudo-random other one, deterministic given index and attempt.
             i = index if attempt == 0 else (index + attempt * 7919) % len(self.files)
             path = self.files[i]
@@ -66,13 +91,20 @@ class ImageFolderDataset(Dataset):
                 image = self.transform(path.read_bytes(), rng)
             except ImageTooSmallError as exn:
                 counter.add("too_small", f"{path}: {exn}")
+                first_error = first_error or f"{path}: {exn}"
                 continue
             except Exception as exn:  # corrupt/truncated/unreadable: count and replace, never crash
                 counter.add("corrupt_image", f"{path}: {exn!r}")
+                first_error = first_error or f"{path}: {exn!r}"
                 continue
-            key = str(path.relative_to(self.root).with_suffix(""))
-            return {"image": image, "__key__": key, SKIPPED_KEY: counter.take()}
-        raise RuntimeError(f"{_MAX_RETRIES} consecutive unreadable or too-small images in {self.root}")
+            return {"image": image, "__key__": self._key(path), SKIPPED_KEY: counter.take()}
+        if not self.substitute:
+            return {"image": None, "__key__": self._key(self.files[index]), "error": first_error,
+                    SKIPPED_KEY: counter.take()}  # fmt: skip
+        raise DataError(
+            f"{_MAX_RETRIES} images in a row could not be used in {self.root} (first error: {first_error}); "
+            "check the files and data.params.min_size"
+        )
 
 
 class _Collate:
@@ -124,9 +156,9 @@ class ImageFolderDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"ImageFolderDataModule: batch_size must be an int >= 1, got {batch_size!r}")
+            raise ConfigError(f"ImageFolderDataModule: batch_size must be an int >= 1, got {batch_size!r}")
         if not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"ImageFolderDataModule: num_workers must be an int >= 0, got {num_workers!r}")
+            raise ConfigError(f"ImageFolderDataModule: num_workers must be an int >= 0, got {num_workers!r}")
         self.train_dir, self.val_dir = train_dir, val_dir
         self.train_transform = ImageTransform(size, resize_to, min_size, random_flip, train=True)
         self.val_transform = ImageTransform(size, resize_to, min_size, False, train=False)
@@ -143,7 +175,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         if self.train_set is None:
             self.train_set = ImageFolderDataset(self.train_dir, self.train_transform, self.seed)
             if self.drop_last and len(self.train_set) < self.batch_size:
-                raise ValueError(
+                raise DataError(
                     f"train_dir {self.train_dir!r} has {len(self.train_set)} images, fewer than batch_size "
                     f"{self.batch_size} with drop_last: lower batch_size or set drop_last: false"
                 )
@@ -151,19 +183,30 @@ class ImageFolderDataModule(pl.LightningDataModule):
             self.val_set = ImageFolderDataset(self.val_dir, self.val_transform, self.seed)
 
     def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool) -> DataLoader:
-        return DataLoader(
+        trainer = getattr(self, "trainer", None)
+        rank, world_size = distributed_info(trainer)
+        sampler = ResumableSampler(dataset, rank, world_size, shuffle, self.seed, drop_last)
+
+        def on_iter(epoch: int, skip_batches: int) -> None:
+            sampler.set_epoch(epoch)
+            sampler.skip = skip_batches * self.batch_size
+
+        return ResumableLoader(
             dataset,
+            lambda: getattr(self, "trainer", None),
+            on_iter,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             drop_last=drop_last,
             num_workers=self.num_workers,
             collate_fn=_Collate(self.image_key),
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
+            worker_init_fn=ignore_stop_signals,
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches (DistributedSampler added by Lightning under DDP)."""
+        """Training batches shuffled per epoch, split over ranks; resumable mid-epoch."""
         self.setup("fit")
         return self._loader(self.train_set, shuffle=True, drop_last=self.drop_last)
 

@@ -205,7 +205,7 @@ class _Inline:
         return None
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point of ``klvae-make-shards``."""
     parser = argparse.ArgumentParser(prog="klvae-make-shards", description=__doc__.split("\n\n")[0])
     parser.add_argument("inputs", nargs="*", help="folders, image files, or text files listing image paths")
@@ -221,26 +221,36 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--min-size", type=int, default=0, help="skip images with a smaller shorter side")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--traceback", action="store_true", help="show full tracebacks for user errors too")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     inputs = list(args.inputs) + ([str(p) for p in skimage_photo_paths()] if args.skimage_photos else [])
     if not inputs:
         parser.error("give at least one input or --skimage-photos")
-    try:
-        summary = write_shards(
-            inputs,
-            args.out,
-            samples_per_shard=args.samples_per_shard,
-            resize=args.resize,
-            quality=args.quality,
-            val_fraction=args.val_fraction,
-            seed=args.seed,
-            min_size=args.min_size,
-            workers=args.workers,
-            progress=not args.no_progress,
-        )
-    except ValueError as exn:
-        parser.error(str(exn))
+    from klvae.util import ConfigError, run_tool
+
+    def body() -> None:
+        try:
+            _write_and_report(args, inputs)
+        except ValueError as exn:  # write_shards rejects bad inputs and settings with ValueError
+            raise ConfigError(str(exn)) from exn
+
+    return run_tool("klvae-make-shards", body, args.traceback)
+
+
+def _write_and_report(args: argparse.Namespace, inputs: list[str]) -> None:
+    summary = write_shards(
+        inputs,
+        args.out,
+        samples_per_shard=args.samples_per_shard,
+        resize=args.resize,
+        quality=args.quality,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        min_size=args.min_size,
+        workers=args.workers,
+        progress=not args.no_progress,
+    )
     logger.info(
         "wrote %d train + %d val samples (%.1f MB) in %d + %d shards; skipped %d",
         summary.count["train"],
@@ -255,4 +265,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from webdataset.shardlists import expand_urls
 
+from klvae.util import ConfigError
+
 __all__ = ["ShardAssignment", "assign_shards", "distributed_info", "expand_shards", "worker_info"]
 
 
@@ -33,7 +35,9 @@ def _expand_one(pattern: str, where: str) -> list[str]:
             if any(c in url for c in "*?["):
                 matches = sorted(glob.glob(url))
                 if not matches:
-                    raise ValueError(f"{where}: glob {url!r} from shard pattern {pattern!r} matches no files")
+                    raise ConfigError(
+                        f"{where}: glob {url!r} from shard pattern {pattern!r} matches no files"
+                    )
                 urls.extend(matches)
                 continue
         urls.append(url)
@@ -57,7 +61,7 @@ def expand_shards(spec: str | Sequence[str], where: str = "shards") -> list[str]
     """
     patterns = [spec] if isinstance(spec, str) else list(spec) if isinstance(spec, Sequence) else None
     if not patterns or not all(isinstance(p, str) and p.strip() for p in patterns):
-        raise ValueError(
+        raise ConfigError(
             f"{where}: expected a shard pattern string or a non-empty list of them, got {spec!r}"
         )
     urls: list[str] = []
@@ -66,13 +70,13 @@ def expand_shards(spec: str | Sequence[str], where: str = "shards") -> list[str]
         local = [u for u in expanded if not _is_remote(u)]
         missing = [u for u in local if not os.path.isfile(u)]
         if missing:
-            raise ValueError(
+            raise ConfigError(
                 f"{where}: {len(missing)} of {len(expanded)} shard(s) from shard pattern {pattern!r} do not exist "
                 f"(first: {missing[0]!r}); check the path and the brace range"
             )
         urls.extend(expanded)
     if not urls:
-        raise ValueError(f"{where}: shard pattern {spec!r} expands to no shards")
+        raise ConfigError(f"{where}: shard pattern {spec!r} expands to no shards")
     return urls
 
 

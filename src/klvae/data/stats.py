@@ -36,12 +36,14 @@ class SkipCounter:
     def __init__(self) -> None:
         self.total = dict.fromkeys(SKIP_KINDS, 0)
         self._pending = dict.fromkeys(SKIP_KINDS, 0)
+        self.first_error = ""  # what went wrong first, for an error message when nothing decodes
 
     def add(self, kind: str, detail: str = "") -> None:
         """Count one skipped sample of ``kind`` (one of ``SKIP_KINDS``); warn for the first few."""
         assert kind in self.total, kind
         self.total[kind] += 1
         self._pending[kind] += 1
+        self.first_error = self.first_error or f"{kind}: {detail[:300]}"
         if self.total[kind] <= _WARN_FIRST:
             logger.warning("skipping sample (%s): %s", kind, detail[:300])
             if self.total[kind] == _WARN_FIRST:

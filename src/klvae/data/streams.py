@@ -13,6 +13,7 @@ Batches: ``{image_key: float32 (B, 3, size, size) in [-1, 1], "__key__": [str] *
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Iterator, Sequence
 
@@ -23,8 +24,13 @@ from webdataset.tariterators import tarfile_samples
 from klvae.data.sharding import ShardAssignment, assign_shards, worker_info
 from klvae.data.stats import SKIPPED_KEY, SkipCounter
 from klvae.data.transforms import ImageTooSmallError, ImageTransform, find_image_key, to_model_batch
+from klvae.util import DataError
 
 __all__ = ["TrainStream", "ValStream", "worker_rng"]
+
+# A source that has yielded this many samples without a single one decoding is broken (every image
+# corrupt, or min_size above all of them): fail, naming it, instead of spinning forever.
+MAX_UNDECODED = 10_000
 
 
 def worker_rng(seed: int, rank: int, worker: int, epoch: int) -> random.Random:
@@ -39,6 +45,12 @@ def read_shard(url: str, assignment: ShardAssignment, counter: SkipCounter) -> I
     for index, sample in enumerate(samples):
         if index % assignment.stride == assignment.offset:
             yield sample
+    # A tar cut inside a member header ends the stream silently (tarfile reads it as the end of the
+    # archive). Tar files are whole 512-byte blocks: any other size on disk means a cut-off file.
+    size = os.path.getsize(url) if os.path.isfile(url) else None
+    if size is not None and size % 512 and assignment.offset == 0:
+        counter.add("read_error", f"{url}: truncated tar ({size} bytes, not whole 512-byte blocks); "
+                    "the samples before the cut were kept")  # fmt: skip
 
 
 def decode_sample(
@@ -61,6 +73,27 @@ def decode_sample(
     return None
 
 
+class _SourceProgress:
+    """Samples read and decoded per source: turns "nothing decodes" into an error instead of a hang."""
+
+    def __init__(self, n_sources: int, what: str) -> None:
+        self.read = [0] * n_sources
+        self.decoded = [0] * n_sources
+        self.pass_size: list[int | None] = [None] * n_sources  # samples in one pass over the shards
+        self.what = what
+
+    def check(self, source: int, counter: SkipCounter) -> None:
+        if self.decoded[source]:
+            return
+        limit = min(self.pass_size[source] or MAX_UNDECODED, MAX_UNDECODED)
+        if self.read[source] >= limit:
+            raise DataError(
+                f"0 of {self.pass_size[source] or self.read[source]} samples in {self.what} {source} decoded; "
+                f"first error: "
+                f"{counter.first_error or 'none recorded'} (check the shards and data.params.min_size)"
+            )
+
+
 def _make_batch(items: list, image_key: str, counter: SkipCounter) -> dict:
     keys, images = zip(*items)
     return {image_key: to_model_batch(images), "__key__": list(keys), SKIPPED_KEY: counter.take()}
@@ -75,6 +108,8 @@ class _RankedStream(IterableDataset):
         # Set from the main process before each epoch's workers start (see WebDataModule); with persistent
         # workers the copies inside the workers count on from there.
         self.epoch = 0
+        # Mid-epoch resume: batches of this epoch the rank already trained on (regenerated and dropped).
+        self.skip_batches = 0
 
 
 class TrainStream(_RankedStream):
@@ -115,9 +150,11 @@ class TrainStream(_RankedStream):
     def __len__(self) -> int:
         return self.batches_per_rank
 
-    def _endless(self, urls: list[str], rng: random.Random, counter: SkipCounter) -> Iterator[dict]:
-        worker, num_workers = worker_info()
-        assignment = assign_shards(urls, self.rank, self.world_size, worker, num_workers)
+    def _endless(
+        self, source: int, role: int, num_workers: int, rng: random.Random, counter: SkipCounter,
+        progress: _SourceProgress,
+    ) -> Iterator[dict]:  # fmt: skip
+        assignment = assign_shards(self.sources[source], self.rank, self.world_size, role, num_workers)
         while True:
             order = list(assignment.urls)
             rng.shuffle(order)
@@ -125,16 +162,29 @@ class TrainStream(_RankedStream):
             for url in order:
                 for sample in read_shard(url, assignment, counter):
                     produced += 1
+                    sample["__source__"] = source
                     yield sample
             if produced == 0:  # looping on would hang the run silently
-                raise RuntimeError(f"no readable samples in any of the shards {order[:3]}... of this worker")
+                raise DataError(
+                    f"0 samples readable in train source {source} ({len(order)} shard(s) of this reader, "
+                    f"first {order[0]!r}); first error: {counter.first_error or 'none recorded'}"
+                )
+            progress.pass_size[source] = progress.pass_size[source] or produced
 
     def __iter__(self) -> Iterator[dict]:
         worker, num_workers = worker_info()
-        rng = worker_rng(self.seed, self.rank, worker, self.epoch)
+        skip = self.skip_batches
+        self.skip_batches = 0  # once: persistent workers keep this copy for the next epochs
+        # Batch j of the epoch comes from worker j % num_workers (the DataLoader's round robin). After a
+        # resume k batches in, the new worker 0 must continue with batch k: worker ids rotate by k.
+        role = (worker + skip) % num_workers
+        rng = worker_rng(self.seed, self.rank, role, self.epoch)
         self.epoch += 1  # persistent workers: the next epoch draws a new order and new crops
         counter = SkipCounter()
-        streams = [self._endless(urls, rng, counter) for urls in self.sources]
+        progress = _SourceProgress(len(self.sources), "train source")
+        streams = [
+            self._endless(i, role, num_workers, rng, counter, progress) for i in range(len(self.sources))
+        ]
         indices = range(len(streams))
 
         def mixed() -> Iterator[dict]:
@@ -145,17 +195,27 @@ class TrainStream(_RankedStream):
         if self.shuffle_buffer > 1:
             initial = min(self.shuffle_buffer, 100)
             samples = iter(wds.filters.shuffle(self.shuffle_buffer, initial, rng=rng)(samples))
-        # This worker's share of the rank's batches (the DataLoader interleaves workers round-robin).
-        quota = self.batches_per_rank // num_workers + (worker < self.batches_per_rank % num_workers)
+        # This role's share of the rank's batches (the DataLoader interleaves workers round-robin).
+        quota = self.batches_per_rank // num_workers + (role < self.batches_per_rank % num_workers)
+        done_before = len(range(role, skip, num_workers))  # this role's batches among the first `skip`
         items: list = []
         while quota > 0:
-            item = decode_sample(next(samples), self.transform, rng, counter)
+            sample = next(samples)
+            source = sample.pop("__source__")
+            progress.read[source] += 1
+            item = decode_sample(sample, self.transform, rng, counter)
             if item is None:
+                progress.check(source, counter)
                 continue
+            progress.decoded[source] += 1
             items.append(item)
             if len(items) == self.batch_size:
-                yield _make_batch(items, self.image_key, counter)
+                batch = _make_batch(items, self.image_key, counter)
                 items, quota = [], quota - 1
+                if done_before > 0:  # regenerated exactly as before the resume (same rng), then dropped
+                    done_before -= 1
+                    continue
+                yield batch
 
 
 class ValStream(_RankedStream):
@@ -183,14 +243,23 @@ class ValStream(_RankedStream):
         rng = worker_rng(self.seed, self.rank, worker, 0)  # unused by center crops; kept for the signature
         counter = SkipCounter()
         items: list = []
+        read = decoded = 0
         for url in assignment.urls:
             for sample in read_shard(url, assignment, counter):
+                read += 1
                 item = decode_sample(sample, self.transform, rng, counter)
                 if item is None:
                     continue
+                decoded += 1
                 items.append(item)
                 if len(items) == self.batch_size:
                     yield _make_batch(items, self.image_key, counter)
                     items = []
         if items:
             yield _make_batch(items, self.image_key, counter)
+        elif decoded == 0 and sum(counter.total.values()):
+            # Nothing to carry the skip counts on: an unreadable validation set must not pass silently.
+            raise DataError(
+                f"0 of {read} samples in the validation shards of reader {self.rank}/{worker} decoded "
+                f"({dict((k, v) for k, v in counter.total.items() if v)}); first error: {counter.first_error}"
+            )

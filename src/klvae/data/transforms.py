@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from klvae.util import ConfigError
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageTooSmallError",
@@ -81,11 +83,11 @@ class ImageTransform:
         train: bool = True,
     ) -> None:
         if not isinstance(size, int) or size <= 0:
-            raise ValueError(f"size must be a positive int, got {size!r}")
+            raise ConfigError(f"size must be a positive int, got {size!r}")
         if resize_to is not None and (not isinstance(resize_to, int) or resize_to < size):
-            raise ValueError(f"resize_to must be None or an int >= size ({size}), got {resize_to!r}")
+            raise ConfigError(f"resize_to must be None or an int >= size ({size}), got {resize_to!r}")
         if not isinstance(min_size, int) or min_size < 0:
-            raise ValueError(f"min_size must be an int >= 0, got {min_size!r}")
+            raise ConfigError(f"min_size must be an int >= 0, got {min_size!r}")
         self.size = size
         self.resize_to = resize_to if resize_to is not None else size
         self.min_size = min_size

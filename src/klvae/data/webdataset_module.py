@@ -17,16 +17,18 @@ YAML (``data.params``; see docs/data.md)::
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
+from klvae.data.resume import ResumableLoader
 from klvae.data.sharding import distributed_info, expand_shards
 from klvae.data.streams import TrainStream, ValStream, _RankedStream
 from klvae.data.transforms import ImageTransform
+from klvae.data.workers import ignore_stop_signals
+from klvae.util import ConfigError
 
 __all__ = ["WebDataModule"]
 
@@ -39,29 +41,11 @@ _VAL_KEYS = {"shards"}
 
 def _check_keys(block: Any, accepted: set[str], where: str) -> dict:
     if not isinstance(block, dict):
-        raise ValueError(f"{where}: expected a mapping with keys {sorted(accepted)}, got {block!r}")
+        raise ConfigError(f"{where}: expected a mapping with keys {sorted(accepted)}, got {block!r}")
     unknown = sorted(set(block) - accepted)
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; accepted keys are {sorted(accepted)}")
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; accepted keys are {sorted(accepted)}")
     return block
-
-
-class _EpochLoader(DataLoader):
-    """A DataLoader that stamps the epoch onto its stream before workers start, so non-persistent workers
-    (fresh copies each epoch) and resumed runs still draw a new shard order and new crops every epoch."""
-
-    def __init__(self, dataset: _RankedStream, trainer_fn: Any, **kwargs: Any) -> None:
-        super().__init__(dataset, **kwargs)
-        self._trainer_fn = trainer_fn
-        self._iterations = 0
-
-    def __iter__(self) -> Iterator:
-        trainer = self._trainer_fn()
-        epoch = trainer.current_epoch if trainer is not None else self._iterations
-        self._iterations += 1
-        # Only reaches workers when they are (re)created: persistent workers count on from their own copy.
-        self.dataset.epoch = epoch
-        return super().__iter__()
 
 
 class WebDataModule(pl.LightningDataModule):
@@ -109,18 +93,18 @@ class WebDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         if train is None and validation is None:
-            raise ValueError("WebDataModule: give at least one of 'train' or 'validation'")
+            raise ConfigError("WebDataModule: give at least one of 'train' or 'validation'")
         for name, value in (("batch_size", batch_size), ("prefetch_factor", prefetch_factor)):
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"WebDataModule: {name} must be an int >= 1, got {value!r}")
+                raise ConfigError(f"WebDataModule: {name} must be an int >= 1, got {value!r}")
         if val_batch_size is not None and (not isinstance(val_batch_size, int) or val_batch_size < 1):
-            raise ValueError(
+            raise ConfigError(
                 f"WebDataModule: val_batch_size must be None or an int >= 1, got {val_batch_size!r}"
             )
         if not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"WebDataModule: num_workers must be an int >= 0, got {num_workers!r}")
+            raise ConfigError(f"WebDataModule: num_workers must be an int >= 0, got {num_workers!r}")
         if not isinstance(shuffle_buffer, int) or shuffle_buffer < 0:
-            raise ValueError(f"WebDataModule: shuffle_buffer must be an int >= 0, got {shuffle_buffer!r}")
+            raise ConfigError(f"WebDataModule: shuffle_buffer must be an int >= 0, got {shuffle_buffer!r}")
         self.train_sources, self.train_weights, self.epoch_length = self._parse_train(train)
         self.val_shards = _check_keys(validation, _VAL_KEYS, "validation")["shards"] if validation else None
         # Fail on bad crop/resize settings now, not in a worker.
@@ -144,13 +128,15 @@ class WebDataModule(pl.LightningDataModule):
             return [], [], 0
         train = _check_keys(train, _TRAIN_KEYS, "train")
         if ("sources" in train) == ("shards" in train):
-            raise ValueError("train: give either 'sources: [{shards, weight}, ...]' or 'shards' (one source)")
+            raise ConfigError(
+                "train: give either 'sources: [{shards, weight}, ...]' or 'shards' (one source)"
+            )
         if "sources" in train:
             if "weight" in train:
-                raise ValueError("train: 'weight' belongs inside each entry of 'sources'")
+                raise ConfigError("train: 'weight' belongs inside each entry of 'sources'")
             sources = train["sources"]
             if not isinstance(sources, list) or not sources:
-                raise ValueError(
+                raise ConfigError(
                     f"train.sources: expected a non-empty list of {{shards, weight}}, got {sources!r}"
                 )
         else:
@@ -159,15 +145,15 @@ class WebDataModule(pl.LightningDataModule):
         for i, source in enumerate(sources):
             source = _check_keys(source, _SOURCE_KEYS, f"train.sources[{i}]")
             if "shards" not in source:
-                raise ValueError(f"train.sources[{i}]: missing 'shards'")
+                raise ConfigError(f"train.sources[{i}]: missing 'shards'")
             weight = source.get("weight", 1.0)
             if not isinstance(weight, int | float) or weight <= 0:
-                raise ValueError(f"train.sources[{i}].weight must be a number > 0, got {weight!r}")
+                raise ConfigError(f"train.sources[{i}].weight must be a number > 0, got {weight!r}")
             specs.append(source["shards"])
             weights.append(float(weight))
         epoch_length = train.get("epoch_length")
         if not isinstance(epoch_length, int) or epoch_length < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"train.epoch_length must be an int >= 1 (nominal samples per epoch over all ranks; "
                 f"resampled shards have no natural end), got {epoch_length!r}"
             )
@@ -190,9 +176,18 @@ class WebDataModule(pl.LightningDataModule):
 
     def _loader(self, dataset: _RankedStream) -> DataLoader:
         workers = self.num_workers
-        return _EpochLoader(
+
+        def on_iter(epoch: int, skip_batches: int) -> None:
+            # Reaches the workers when they are (re)created; persistent workers count epochs on themselves.
+            # Stamping the epoch makes non-persistent workers and resumed runs draw a new order each epoch.
+            dataset.epoch = epoch
+            dataset.skip_batches = skip_batches
+
+        return ResumableLoader(
             dataset,
             self._trainer,
+            on_iter,
+            worker_init_fn=ignore_stop_signals,
             batch_size=None,  # the stream yields whole batches
             num_workers=workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
@@ -203,7 +198,7 @@ class WebDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """The training loader: ``len()`` batches per epoch on every rank."""
         if not self.train_sources:
-            raise ValueError("WebDataModule: no 'train' block in the data config")
+            raise ConfigError("WebDataModule: no 'train' block in the data config")
         self.setup("fit")
         rank, world_size = distributed_info(self._trainer())
         batches = self.batches_per_epoch(world_size)

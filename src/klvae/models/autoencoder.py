@@ -20,17 +20,45 @@ from klvae.ema import ModuleEMA
 from klvae.loading import VAEWeights, read_vae_weights
 from klvae.lr_schedule import LRSchedule
 from klvae.metrics import reconstruction_scores
+from klvae.modules.equivariance import Branch, EquivarianceSchedule
+from klvae.modules.losses import LastLayer
 from klvae.modules.vae import KLCodec, build_codec_modules
 from klvae.perf.apply import apply_runtime_optimizations, make_adam
 from klvae.perf.options import parse_optimizations
 from klvae.state_dict import NETWORK_PREFIXES, read_state_dict, select_first_stage
-from klvae.util import instantiate_from_config, to_container
+from klvae.util import TrainingDivergedError, instantiate_from_config, to_container
 
-__all__ = ["AutoencoderKL"]
+__all__ = ["AutoencoderKL", "NonFiniteTrainingError"]
 
 log = logging.getLogger(__name__)
 
 _SCHEDULES = ("alternate", "every_batch")
+
+
+class NonFiniteTrainingError(TrainingDivergedError):
+    """Too many updates in a row had a non-finite loss or gradient: the run has diverged."""
+
+
+class _SavedInput:
+    """Forward hook keeping the input of the module it is registered on (the decoder's ``conv_out``).
+
+    Works inside a compiled decoder (dynamo makes the tensor one more graph output). A fresh, empty
+    holder on deepcopy, so copying the decoder (EMA) never drags tensors or the model along.
+    """
+
+    def __init__(self) -> None:
+        self.value: torch.Tensor | None = None
+
+    def __call__(self, module: torch.nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        if module.training:  # not in validation/inference: nothing would take it
+            self.value = args[0]
+
+    def take(self) -> torch.Tensor | None:
+        value, self.value = self.value, None
+        return value
+
+    def __deepcopy__(self, memo: dict) -> _SavedInput:
+        return _SavedInput()
 
 
 class AutoencoderKL(KLCodec, pl.LightningModule):
@@ -51,7 +79,11 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
         update_schedule: ``"alternate"`` (seed: after disc_start even iterations update the autoencoder,
             odd ones the discriminator) or ``"every_batch"`` (LDM: one forward, both updates).
         accumulate_grad_batches: batches per update round (Lightning cannot do this in manual mode).
-        gradient_clip_val: clip each optimizer's gradient norm to this value (None: off).
+        gradient_clip_val: clip each optimizer's gradient norm to this value (None: off), after unscaling
+            under ``16-mixed`` (in :meth:`on_before_optimizer_step`).
+        max_nonfinite_in_a_row: an update whose loss or gradient is not finite is skipped (no optimizer
+            step; counted as ``train/skipped_nonfinite``); this many skipped updates in a row stop the run
+            with :class:`NonFiniteTrainingError`.
         ema_decay: keep an EMA of the autoencoder weights, used for validation, images and export.
         train_decoder_only: freeze encoder and quant_conv (the sd-vae-ft recipe).
         ckpt_path: warm start from an LDM/SD/klvae checkpoint, a klvae export or diffusers weights
@@ -67,6 +99,11 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
         optimizations: speed/memory switches (torch.compile, fused Adam, channels_last, LPIPS target
             without autograd, gradient checkpointing, cudnn.benchmark); keys and defaults in
             :class:`klvae.perf.options.Optimizations`, an unknown key is a ``ValueError``.
+        equivariance: EQ-VAE's equivariance regularisation (arXiv:2502.09509), off when None (default):
+            ``{p, p_small, anisotropic, seed}`` of :class:`klvae.modules.equivariance.EquivarianceSchedule`.
+            Per batch, with probability ``p``, the decoder gets τ(z) (posterior sample downscaled, then
+            rotated) and the loss, including the discriminator update on that batch, compares with τ(x);
+            else, with probability ``p_small``, the batch is downscaled before encoding.
     """
 
     def __init__(
@@ -89,6 +126,8 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
         monitor: str | None = "val/rec_loss",
         optimizations: Mapping[str, Any] | None = None,
         lr_schedule: Mapping[str, Any] | None = None,
+        max_nonfinite_in_a_row: int = 20,
+        equivariance: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if update_schedule not in _SCHEDULES:
@@ -99,6 +138,10 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
             )
         if gradient_clip_val is not None and gradient_clip_val <= 0:
             raise ValueError(f"gradient_clip_val must be > 0 or null, got {gradient_clip_val!r}")
+        if not isinstance(max_nonfinite_in_a_row, int) or max_nonfinite_in_a_row < 1:
+            raise ValueError(
+                f"max_nonfinite_in_a_row must be an integer >= 1, got {max_nonfinite_in_a_row!r}"
+            )
         if len(adam_betas) != 2:
             raise ValueError(f"adam_betas must be two numbers, got {adam_betas!r}")
         lossconfig = to_container(lossconfig)
@@ -138,6 +181,8 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
                 "monitor": monitor,
                 "optimizations": self.optimizations.to_dict(),
                 "lr_schedule": to_container(lr_schedule),
+                "max_nonfinite_in_a_row": max_nonfinite_in_a_row,
+                "equivariance": None if equivariance is None else to_container(equivariance),
             }
         )
         self.automatic_optimization = False  # two optimizers: Lightning 2 has no optimizer_idx
@@ -151,6 +196,10 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
         self.image_key = image_key
         self.monitor = monitor
         self.embed_dim = embed_dim
+        self.equivariance = (
+            None if equivariance is None else EquivarianceSchedule.from_config(to_container(equivariance))
+        )
+        self._downsample_factor = 2 ** (len(ddconfig["ch_mult"]) - 1)  # image side / latent side
 
         for name, module in build_codec_modules(ddconfig, embed_dim).items():
             self.add_module(name, module)
@@ -170,6 +219,16 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
         # Training progress in iterations; saved in checkpoint["klvae"] (plain ints, weights_only-safe).
         self._iteration = 0
         self._micro_step = 0
+
+        # The decoder's conv_out input, for the adaptive weight (registered after the EMA copy was made).
+        self._conv_out_input = _SavedInput()
+        self.decoder.conv_out.register_forward_hook(self._conv_out_input)
+        # Non-finite guard, on the device so that no step waits for the host (see on_before_optimizer_step).
+        self.max_nonfinite_in_a_row = max_nonfinite_in_a_row
+        self.register_buffer("_nonfinite_skipped", torch.zeros((), dtype=torch.long), persistent=False)
+        self.register_buffer("_nonfinite_streak", torch.zeros((), dtype=torch.long), persistent=False)
+        self.register_buffer("_nonfinite_worst", torch.zeros((), dtype=torch.long), persistent=False)
+        self._loss_finite: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ basics
     @property
@@ -317,24 +376,86 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
         return iteration % 2 == 0, iteration % 2 == 1
 
     def _backward_and_step(self, optimizer: Any, loss: torch.Tensor, step: bool) -> None:
+        finite = torch.isfinite(loss.detach())
+        self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
         self.manual_backward(loss / self.accumulate_grad_batches)
         if step:
-            if self.gradient_clip_val is not None:
-                self.clip_gradients(
-                    optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm"
-                )
-            optimizer.step()
+            optimizer.step()  # clipping and the non-finite guard: on_before_optimizer_step
+            vars(getattr(optimizer, "optimizer", optimizer)).pop("found_inf", None)
             optimizer.zero_grad(set_to_none=True)
+            self._loss_finite = None
 
-    def _reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        if self.train_decoder_only:
-            with torch.no_grad():  # frozen encoder: no activations kept for backward
-                posterior = self.encode(x)
-            return self.decode(posterior.sample()), posterior
-        return self(x)
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Unscale (16-mixed), then clip and guard the gradients of the optimizer about to step.
+
+        Lightning calls this inside ``optimizer.step()``, after its own unscaling; it leaves unscaling to
+        optimizers that do it themselves (fused Adam), so those are unscaled here: clipping must see the
+        true gradients (a threshold divided by the loss scale otherwise).
+
+        Non-finite guard: a non-finite loss (any micro-batch) or gradient norm skips the update. With
+        fused Adam the decision stays on the device (``found_inf``, the flag GradScaler uses: the fused
+        kernel skips the update and the step count): no host sync. Other optimizers need it on the host
+        (``.item()`` once per update; free on CPU), and their gradients are dropped so Adam skips every
+        parameter. The streak is checked on the host every ``max_nonfinite_in_a_row`` iterations
+        (training_step).
+        """
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            scaler.unscale_(optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])  # fp32 device scalar
+        if self.gradient_clip_val is not None:
+            torch.nn.utils.clip_grads_with_norm_(params, self.gradient_clip_val, norm)
+        bad = ~torch.isfinite(norm)
+        if self._loss_finite is not None:
+            bad = bad | ~self._loss_finite.to(bad.device)
+        if optimizer.defaults.get("fused"):
+            optimizer.found_inf = bad.float()  # read by Adam.step (GradScaler, if any, sets its own)
+        elif bad.item():
+            for p in params:
+                p.grad = None
+        streak = (self._nonfinite_streak + 1) * bad
+        self._nonfinite_streak.copy_(streak)
+        self._nonfinite_worst.copy_(torch.maximum(self._nonfinite_worst, streak))
+        self._nonfinite_skipped.add_(bad.long())
+
+    def _check_nonfinite_streak(self) -> None:
+        """Raise once ``max_nonfinite_in_a_row`` updates in a row were skipped (one host sync per call)."""
+        worst = int(self._nonfinite_worst)
+        if worst >= self.max_nonfinite_in_a_row:
+            raise NonFiniteTrainingError(
+                f"{worst} updates in a row had a non-finite loss or gradient (last checked at iteration "
+                f"{self._iteration}; {int(self._nonfinite_skipped)} skipped in total): training has "
+                "diverged. Lower model.params.learning_rate (or base_learning_rate), set "
+                "model.params.gradient_clip_val, use bf16-mixed instead of 16-mixed, or resume from an "
+                "earlier checkpoint."
+            )
+
+    def _reconstruct(self, x: torch.Tensor, branch: Branch) -> tuple[torch.Tensor, Any]:
+        """D(τ(z)), z ~ q(z|x), and the posterior; τ is the identity outside EQ-VAE's equivariance branch."""
+        frozen = torch.no_grad() if self.train_decoder_only else nullcontext()
+        with frozen:  # a frozen encoder keeps no activations for backward
+            posterior = self.encode(x)
+        return self.decode(branch.latent(posterior.sample())), posterior
+
+    def _last_layer(self) -> LastLayer:
+        saved = self._conv_out_input.take()
+        assert saved is not None, "the decoder's conv_out hook did not run"
+        return LastLayer(self.decoder.conv_out, saved, self.decoder.tanh_out)
+
+    def _grad_scale(self) -> torch.Tensor | None:
+        """The GradScaler's current scale tensor under 16-mixed (no host sync), else None."""
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        return getattr(scaler, "_scale", None) if scaler is not None else None
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         x = self.get_input(batch)  # (B, 3, H, W)
+        # EQ-VAE: the batch's branch; x becomes the encoder's input, target the image x̂ is compared with.
+        branch = Branch() if self.equivariance is None else self.equivariance.draw(self._micro_step)
+        x = branch.encoder_input(x, self._downsample_factor)
+        target = branch.target(x, self._downsample_factor)
         opt_ae, opt_disc = self.optimizers()
         it = self._iteration
         update_ae, update_disc = self._phase(it)
@@ -346,17 +467,20 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
             self.toggle_optimizer(
                 opt_ae
             )  # discriminator params get requires_grad=False: g_loss cannot move D
-            recon, posterior = self._reconstruct(x)
-            loss, logs_g = self.loss.generator_loss(x, recon, posterior, it, self.get_last_layer(), "train")
+            recon, posterior = self._reconstruct(x, branch)
+            loss, logs_g = self.loss.generator_loss(
+                target, recon, posterior, it, self._last_layer(), "train", grad_scale=self._grad_scale()
+            )
             self._backward_and_step(opt_ae, loss, last_micro)
             self.untoggle_optimizer(opt_ae)
             logs.update(logs_g)
         if update_disc:
             if recon is None:  # alternate schedule: this batch only needs x̂ as the discriminator's input
                 with torch.no_grad():
-                    recon, _ = self._reconstruct(x)
+                    recon, _ = self._reconstruct(x, branch)
+            self._conv_out_input.take()
             self.toggle_optimizer(opt_disc)
-            d_loss, logs_d = self.loss.discriminator_loss(x, recon, it, "train")
+            d_loss, logs_d = self.loss.discriminator_loss(target, recon, it, "train")
             self._backward_and_step(opt_disc, d_loss, last_micro)
             self.untoggle_optimizer(opt_disc)
             logs.update(logs_d)
@@ -366,12 +490,15 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
             self._iteration += 1
             if update_ae and self.ema is not None:
                 self.ema.update(self._codec_modules())
-        logs["train/iteration"] = torch.tensor(float(self._iteration))
+            if self._iteration % self.max_nonfinite_in_a_row == 0:
+                self._check_nonfinite_streak()
+        # Device scalars only (torch.full is a fill kernel, not a host copy); nothing here waits for the
+        # device. The loss is not on the progress bar: the bar calls .item() on every step.
+        logs["train/iteration"] = torch.full((), float(self._iteration), device=x.device)
+        logs["train/skipped_nonfinite"] = self._nonfinite_skipped.float()
+        if self.equivariance is not None:  # 0 normal, 1 equivariance, 2 low-resolution prior preservation
+            logs["train/eq_branch"] = torch.full((), float(branch.index), device=x.device)
         self.log_dict(logs, on_step=True, on_epoch=False, logger=True, batch_size=x.shape[0])
-        if "train/total_loss" in logs:
-            self.log(
-                "train/loss", logs["train/total_loss"], prog_bar=True, logger=False, batch_size=x.shape[0]
-            )
 
     # ------------------------------------------------------------------ evaluation
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
@@ -402,11 +529,21 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
         structured noise: that is expected, not a bug.
         """
         x = self.get_input(batch)[:N].to(self.device)
-        with self.ema_scope():
+        # Eager: a few images at another batch size, in eval mode, would each compile a graph per region.
+        with torch.compiler.set_stance("force_eager"), self.ema_scope():
             posterior = self.encode(x)
             recon = self.decode(posterior.sample())
             samples = self.decode(torch.randn_like(posterior.mean))
         return {"inputs": x, "reconstructions": recon, "samples": samples}
+
+    def on_validation_start(self) -> None:
+        # Validation (and the sanity check) run eager: eval mode, another batch size and no_grad would each
+        # compile their own graph per region, for a few batches, and push regions towards the recompile
+        # limit after which dynamo silently runs them eager in training too.
+        torch.compiler.set_stance("force_eager")
+
+    def on_validation_end(self) -> None:
+        torch.compiler.set_stance("default")
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

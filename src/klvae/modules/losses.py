@@ -1,4 +1,4 @@
-"""LPIPSWithDiscriminator: reconstruction + perceptual + KL + adaptive-weight PatchGAN (spec §3).
+"""LPIPSWithDiscriminator: reconstruction + perceptual + KL + adaptive-weight PatchGAN (LDM, taming).
 
 Images are (B, 3, H, W) in [-1, 1]. Two entry points instead of LDM's ``optimizer_idx`` switch:
 :meth:`LPIPSWithDiscriminator.generator_loss` for the autoencoder update and
@@ -8,10 +8,12 @@ Reduction (``reduction``):
     ``sum``  the published models (LDM, sgm, diffusers' script): pixel and perceptual terms summed over
              C·H·W per sample (LPIPS broadcast to every pixel), then averaged over the batch. The KL term at
              1e-6 is then negligible (~2·10⁵ × weaker than with ``mean`` at 256²).
-    ``mean`` the seed's literal ``F.mse_loss``: a mean over all elements.
+    ``mean`` a plain ``F.mse_loss``-style mean over all elements.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +24,7 @@ from klvae.modules.distributions import DiagonalGaussianDistribution
 from klvae.modules.perceptual import load_lpips
 from klvae.perf.lpips import lpips_distance
 
-__all__ = ["LPIPSWithDiscriminator", "adopt_weight", "hinge_d_loss", "vanilla_d_loss"]
+__all__ = ["LPIPSWithDiscriminator", "LastLayer", "adopt_weight", "hinge_d_loss", "vanilla_d_loss"]
 
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
@@ -38,8 +40,34 @@ def adopt_weight(weight: float, iteration: int, threshold: int) -> float:
     return weight if iteration >= threshold else 0.0
 
 
-def _call_lpips(model: nn.Module, inputs: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
-    return model(inputs, reconstructions)
+@dataclass
+class LastLayer:
+    """The decoder's output convolution and the input it saw in this forward pass.
+
+    Enough to turn a gradient with respect to the reconstruction into the gradient with respect to the
+    conv's weight W without running the decoder's backward: for y = conv(h, W),
+    ∂L/∂W = conv2d_weight(h, W.shape, ∂L/∂y) (``torch.nn.grad.conv2d_weight``).
+
+    Attributes:
+        conv: the decoder's ``conv_out`` (stride/padding/dilation/groups are read from it).
+        inputs: its input h, (B, C, H, W), as saved by a forward hook.
+        tanh_out: the decoder applies tanh after the conv (``Decoder.tanh_out``).
+    """
+
+    conv: nn.Conv2d
+    inputs: torch.Tensor
+    tanh_out: bool = False
+
+    def weight_grad(self, grad_recon: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+        """∂L/∂W (fp32, W's shape) from ∂L/∂x̂ (B, 3, H, W) and x̂ = [tanh](conv(h))."""
+        grad_out = grad_recon.float()
+        if self.tanh_out:  # x̂ = tanh(y): ∂L/∂y = ∂L/∂x̂ · (1 − x̂²)
+            grad_out = grad_out * (1 - recon.detach().float() ** 2)
+        conv = self.conv
+        return torch.nn.grad.conv2d_weight(
+            self.inputs.detach().float(), conv.weight.shape, grad_out,
+            stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+        )  # fmt: skip
 
 
 _D_LOSSES = {"hinge": hinge_d_loss, "vanilla": vanilla_d_loss}
@@ -121,8 +149,8 @@ class LPIPSWithDiscriminator(nn.Module):
         # A Parameter either way so LDM checkpoints (which always hold loss.logvar) load strictly.
         self.logvar = nn.Parameter(torch.ones(()) * logvar_init, requires_grad=learn_logvar)
         self.perceptual_loss = load_lpips(perceptual_backbone) if perceptual_weight > 0 else None
-        # Set by AutoencoderKL from optimizations.lpips_target_no_grad: LPIPS assembled by hand with the
-        # input's features under no_grad (klvae.perf.lpips); same value and gradients as lpips.LPIPS.
+        # Set by AutoencoderKL from optimizations.lpips_target_no_grad: the input's LPIPS features under
+        # no_grad (klvae.perf.lpips); same value and gradients as lpips.LPIPS.
         self.lpips_target_no_grad = False
         self.discriminator = NLayerDiscriminator(disc_in_channels, disc_ndf, disc_num_layers, use_actnorm)
 
@@ -150,9 +178,12 @@ class LPIPSWithDiscriminator(nn.Module):
         rec = diff.abs() if self.pixel_loss == "l1" else diff.pow(2)
         rec = self.pixel_weight * rec
         if self.perceptual_loss is not None:
-            # LPIPS runs under whatever autocast is active; the distance is accumulated in fp32.
-            lpips_fn = lpips_distance if self.lpips_target_no_grad else _call_lpips
-            p_loss = lpips_fn(self.perceptual_loss, inputs.contiguous(), reconstructions.contiguous()).float()
+            # LPIPS runs under whatever autocast is active; the distance is accumulated in fp32. Assembled
+            # from lpips.LPIPS's pieces so its VGG trunk goes through Module.__call__ (a compiled trunk is
+            # really used: lpips.LPIPS.forward calls net.forward and would bypass it).
+            p_loss = lpips_distance(
+                self.perceptual_loss, x.contiguous(), x_hat.contiguous(), self.lpips_target_no_grad
+            ).float()
             total = rec + self.perceptual_weight * p_loss  # (B,1,1,1) broadcast to every pixel, as LDM
         else:
             p_loss = torch.zeros(x.shape[0], 1, 1, 1, device=x.device)
@@ -161,12 +192,16 @@ class LPIPSWithDiscriminator(nn.Module):
         return self._reduce(nll), rec, p_loss
 
     def adaptive_weight(
-        self, nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor
+        self, grad_nll: torch.Tensor, grad_g: torch.Tensor, recon: torch.Tensor, last_layer: LastLayer
     ) -> torch.Tensor:
-        """λ = clamp(‖∇_W nll‖ / (‖∇_W g‖ + 1e-4), 0, 1e4) · disc_weight, W the decoder's last conv weight."""
-        nll_grads = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
-        g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-        weight = torch.norm(nll_grads) / (torch.norm(g_grads) + 1e-4)
+        """λ = clamp(‖∇_W nll‖ / (‖∇_W g‖ + 1e-4), 0, 1e4) · disc_weight, W the decoder's last conv weight.
+
+        LDM's formula (taming's ``calculate_adaptive_weight``); the two ∇_W are formed from ∂nll/∂x̂ and
+        ∂g/∂x̂ and the conv's saved input instead of two ``autograd.grad`` calls into the decoder.
+        """
+        nll_w = last_layer.weight_grad(grad_nll, recon)
+        g_w = last_layer.weight_grad(grad_g, recon)
+        weight = torch.linalg.vector_norm(nll_w) / (torch.linalg.vector_norm(g_w) + 1e-4)
         return torch.clamp(weight, 0.0, 1e4).detach() * self.discriminator_weight
 
     # ---------------------------------------------------------------- the two objectives
@@ -176,33 +211,63 @@ class LPIPSWithDiscriminator(nn.Module):
         reconstructions: torch.Tensor,
         posterior: DiagonalGaussianDistribution,
         iteration: int,
-        last_layer: torch.Tensor | None = None,
+        last_layer: LastLayer | None = None,
         split: str = "train",
+        grad_scale: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Autoencoder objective nll + kl_weight·KL + λ·disc_factor·(−mean D(x̂)).
+
+        With the adaptive weight (GAN phase, ``last_layer`` given, grad mode, training) the pixel/LPIPS
+        and discriminator backwards run here, once each, down to x̂ only: ∂nll/∂x̂ and ∂g/∂x̂ give λ (see
+        :meth:`adaptive_weight`), and the returned loss is built so that its backward is the single
+        remaining pass, x̂ → decoder → encoder, with x̂'s gradient ∂nll/∂x̂ + λ·disc_factor·∂g/∂x̂. Its
+        value is the objective's; call ``backward()`` on it exactly once. No ``retain_graph``, so it
+        works through compiled regions (whose backward is one block with donated buffers).
 
         Args:
             inputs, reconstructions: (B, 3, H, W) in [-1, 1]; gradients flow into ``reconstructions``.
             posterior: the encoder's posterior for ``inputs``.
             iteration: current training iteration (decides whether the GAN term is on).
-            last_layer: the decoder's ``conv_out.weight`` for the adaptive weight; without it (or without
-                autograd, e.g. validation) λ is 0, as in LDM.
+            last_layer: the decoder's output conv and its saved input for the adaptive weight; without it
+                (or without autograd, e.g. validation) λ is 0, as in LDM.
             split: prefix of the logged names.
+            grad_scale: loss scale of a ``GradScaler`` (16-mixed): the gradients down to x̂ are taken of
+                the scaled terms so fp16 backward does not underflow, then unscaled. None: 1.
 
         Returns:
             (loss, logs) with detached scalars named ``{split}/...``.
         """
-        nll_loss, rec, p_loss = self.nll_terms(inputs, reconstructions)
+        # One dtype (fp32) for the pixel loss, LPIPS and D whatever autocast produced: a compiled region
+        # specialises on its input dtype, and D also sees the fp32 input images.
+        recon = reconstructions.float()
+        nll_loss, rec, p_loss = self.nll_terms(inputs, recon)
         kl_loss = posterior.kl().float().sum() / posterior.mean.shape[0]
         disc_factor = self.disc_factor_at(iteration)
         zero = torch.zeros((), device=inputs.device)
         g_loss, d_weight = zero, zero
+        adaptive = False
         if disc_factor > 0:
             # Before disc_start the discriminator is not even run: the GAN terms are exactly 0, not ~0.
-            g_loss = -self.discriminator(reconstructions.contiguous()).float().mean()
-            if last_layer is not None and torch.is_grad_enabled() and self.training:
-                d_weight = self.adaptive_weight(nll_loss, g_loss, last_layer)
-        loss = nll_loss + self.kl_weight * kl_loss + d_weight * disc_factor * g_loss
+            g_loss = -self.discriminator(recon.contiguous()).float().mean()
+            adaptive = last_layer is not None and torch.is_grad_enabled() and self.training
+        if not adaptive:
+            loss = nll_loss + self.kl_weight * kl_loss + d_weight * disc_factor * g_loss
+        else:
+            scale = 1.0 if grad_scale is None else grad_scale.detach().reshape(())  # GradScaler's is (1,)
+            # nll's graph (pixel, LPIPS) and g's graph (D) meet only at x̂; each is run backward once here,
+            # down to x̂ (and logvar), and freed. The decoder's part of the graph is untouched.
+            targets = [recon] + ([self.logvar] if self.logvar.requires_grad else [])
+            nll_grads = torch.autograd.grad(nll_loss * scale, targets)
+            (grad_g,) = torch.autograd.grad(g_loss * scale, [recon])
+            grad_nll, grad_g = nll_grads[0] / scale, grad_g / scale
+            d_weight = self.adaptive_weight(grad_nll, grad_g, recon, last_layer)
+            grad_recon = grad_nll + (d_weight * disc_factor) * grad_g  # (B, 3, H, W)
+            value = (nll_loss + self.kl_weight * kl_loss + d_weight * disc_factor * g_loss).detach()
+            # Same gradients as the objective for every parameter: x̂'s, KL's, and logvar's (learned).
+            surrogate = (recon * grad_recon.detach()).sum() + self.kl_weight * kl_loss
+            if len(nll_grads) == 2:
+                surrogate = surrogate + self.logvar * (nll_grads[1] / scale).detach()
+            loss = value + (surrogate - surrogate.detach())  # value of the objective, gradient of surrogate
         logs = {
             "total_loss": loss,
             "logvar": self.logvar,
@@ -211,7 +276,7 @@ class LPIPSWithDiscriminator(nn.Module):
             "rec_loss": rec.mean(),
             "p_loss": p_loss.mean(),
             "d_weight": d_weight,
-            "disc_factor": torch.tensor(disc_factor, device=inputs.device),
+            "disc_factor": zero + disc_factor,  # a device op: torch.tensor(x, device=cuda) is a host copy
             "g_loss": g_loss,
         }
         return loss, {f"{split}/{k}": v.detach().float() for k, v in logs.items()}
@@ -225,8 +290,9 @@ class LPIPSWithDiscriminator(nn.Module):
         Returns:
             (loss, logs) with ``{split}/disc_loss``, ``logits_real``, ``logits_fake``.
         """
-        logits_real = self.discriminator(inputs.contiguous().detach()).float()
-        logits_fake = self.discriminator(reconstructions.contiguous().detach()).float()
+        # fp32 inputs, as in generator_loss: one compiled graph serves the real and the fake batch.
+        logits_real = self.discriminator(inputs.float().contiguous().detach()).float()
+        logits_fake = self.discriminator(reconstructions.float().contiguous().detach()).float()
         disc_factor = self.disc_factor_at(iteration)
         d_loss = disc_factor * self.disc_loss(logits_real, logits_fake)
         logs = {"disc_loss": d_loss, "logits_real": logits_real.mean(), "logits_fake": logits_fake.mean()}

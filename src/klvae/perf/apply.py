@@ -10,7 +10,7 @@ from torch import nn
 
 from klvae.perf.options import Optimizations
 
-__all__ = ["apply_runtime_optimizations", "make_adam", "region_modules"]
+__all__ = ["RegionBackend", "apply_runtime_optimizations", "graph_counts", "make_adam", "region_modules"]
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,44 @@ def region_modules(model: nn.Module) -> dict[str, nn.Module]:
         "discriminator": getattr(loss, "discriminator", None),
     }
     return {name: m for name, m in regions.items() if m is not None}
+
+
+class RegionBackend:
+    """torch.compile backend of one region: counts the graphs it is asked to compile, then delegates.
+
+    Every graph is a compile (seconds to minutes) and a region has a recompile limit after which dynamo
+    silently runs it eager, so the count per region is what a run must keep small (logged per graph,
+    asserted in tests). ``graphs`` counts forward graphs; AOT autograd's backward belongs to each.
+    """
+
+    def __init__(self, region: str, backend: str, mode: str | None) -> None:
+        self.region, self.graphs = region, 0
+        if backend == "inductor":
+            # What torch.compile(backend="inductor", mode=mode) builds internally.
+            self._compile = torch._TorchCompileInductorWrapper(mode, None, None)
+        else:
+            self._compile = torch._dynamo.lookup_backend(backend)
+
+    def __getattr__(self, name: str) -> object:
+        # Dynamo asks backends for optional hooks (get_compiler_config, reset, ...): the real backend's.
+        if name.startswith("__") or name == "_compile":
+            raise AttributeError(name)
+        return getattr(self._compile, name)
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> object:
+        self.graphs += 1
+        log.info("torch.compile: graph %d of region %s", self.graphs, self.region)
+        return self._compile(gm, example_inputs)
+
+
+def graph_counts(model: nn.Module) -> dict[str, int]:
+    """Graphs compiled so far per compiled region of ``model`` (empty when nothing is compiled)."""
+    counts = {}
+    for name, module in region_modules(model).items():
+        backend = getattr(module, "_klvae_compile_backend", None)
+        if backend is not None:
+            counts[name] = backend.graphs
+    return counts
 
 
 def apply_runtime_optimizations(
@@ -52,7 +90,9 @@ def apply_runtime_optimizations(
     if opts.compile_on(device):
         for name in opts.compile_regions:
             if name in regions:
-                regions[name].compile(mode=opts.compile_mode)
+                backend = RegionBackend(name, opts.compile_backend, opts.compile_mode)
+                regions[name]._klvae_compile_backend = backend  # read by graph_counts
+                regions[name].compile(backend=backend)
                 applied.append(f"compile:{name}")
     if opts.cudnn_benchmark_on(device):
         torch.backends.cudnn.benchmark = True  # fixed training shapes: autotune conv algorithms once

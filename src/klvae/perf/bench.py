@@ -1,11 +1,17 @@
 """Measurement utilities shared by ``benchmarks/train_step.py`` and ``benchmarks/codec.py``.
 
 Timing brackets only device work (``synchronize`` on both ends); peak memory is CUDA's
-``max_memory_allocated`` on GPU and the process's peak RSS on CPU (a coarse upper bound, labelled so).
+``max_memory_allocated`` on GPU and the process's peak RSS on CPU (a coarse upper bound, labelled so, and
+not resettable: on CPU the steady-state and warm-up peaks are the same number).
+
+Fairness: :func:`set_backend_flags` puts cudnn.benchmark/TF32 to the same values before every case (a
+klvae variant turning cudnn.benchmark on must not speed up the next case), and the warm-up iterations
+(where torch.compile compiles and cudnn autotunes) are timed and measured apart from the steady state.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import platform
@@ -22,6 +28,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = [
+    "BackendFlags",
     "FlopCounterCallback",
     "StepTimer",
     "autocast_context",
@@ -30,6 +37,7 @@ __all__ = [
     "peak_memory_gib",
     "peak_tflops_for",
     "reset_peak_memory",
+    "set_backend_flags",
     "summarize",
     "synchronize",
     "time_calls",
@@ -39,6 +47,24 @@ log = logging.getLogger(__name__)
 
 # Dense bf16 matmul throughput actually reached (not the data-sheet number), per device name fragment.
 _PEAK_BF16_TFLOPS = {"H100": 798.0, "H200": 798.0}
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendFlags:
+    """Global numerics/autotuning switches every benchmark case runs under (reported with each record)."""
+
+    cudnn_benchmark: bool
+    tf32: bool
+
+    def to_dict(self) -> dict[str, bool]:
+        return dataclasses.asdict(self)
+
+
+def set_backend_flags(flags: BackendFlags) -> None:
+    """Set cudnn.benchmark and TF32 (cuBLAS and cuDNN) to ``flags``; call before every case."""
+    torch.backends.cudnn.benchmark = flags.cudnn_benchmark
+    torch.backends.cuda.matmul.allow_tf32 = flags.tf32
+    torch.backends.cudnn.allow_tf32 = flags.tf32
 
 
 def synchronize(device: torch.device) -> None:
@@ -88,10 +114,26 @@ def autocast_context(device: torch.device, precision: str) -> Any:
     return nullcontext()
 
 
-def time_calls(fn: Callable[[], Any], device: torch.device, warmup: int, steps: int) -> list[float]:
-    """Seconds per call of ``fn`` for ``steps`` calls after ``warmup`` untimed ones."""
+def time_calls(
+    fn: Callable[[], Any], device: torch.device, warmup: int, steps: int, warmup_record: dict | None = None
+) -> list[float]:
+    """Seconds per call of ``fn`` for ``steps`` calls after ``warmup`` ones.
+
+    With ``warmup_record`` (a dict), the warm-up calls are timed into ``warmup_record["times"]``, their
+    peak memory goes to ``warmup_record["peak_gib"]`` and the peak counter is reset before timing.
+    """
+    warmup_times = []
     for _ in range(warmup):
+        synchronize(device)
+        t0 = time.perf_counter()
         fn()
+        synchronize(device)
+        warmup_times.append(time.perf_counter() - t0)
+    if warmup_record is not None:
+        warmup_record["times"] = warmup_times
+        warmup_record["peak_gib"] = peak_memory_gib(device)[0] if warmup else None
+        if warmup:
+            reset_peak_memory(device)
     times = []
     for _ in range(steps):
         synchronize(device)
@@ -103,23 +145,29 @@ def time_calls(fn: Callable[[], Any], device: torch.device, warmup: int, steps: 
 
 
 class StepTimer(pl.Callback):
-    """Device time of every training batch after ``warmup`` batches (data loading excluded)."""
+    """Device time of every training batch (data loading excluded): ``warmup_times`` for the first
+    ``warmup`` batches (compilation, autotuning), ``times`` after them; the peak memory of the warm-up
+    (``warmup_peak_gib``) is recorded and the peak counter reset before the first timed batch, so
+    :func:`peak_memory_gib` afterwards is the steady-state peak."""
 
     def __init__(self, warmup: int) -> None:
-        self.warmup, self.times, self._t0 = warmup, [], 0.0
+        self.warmup, self.times, self.warmup_times, self._t0 = warmup, [], [], 0.0
+        self.warmup_peak_gib: float | None = None
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         synchronize(pl_module.device)
+        if batch_idx == self.warmup:
+            self.warmup_peak_gib = peak_memory_gib(pl_module.device)[0]
+            reset_peak_memory(pl_module.device)
         self._t0 = time.perf_counter()
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         synchronize(pl_module.device)
-        if batch_idx >= self.warmup:
-            self.times.append(time.perf_counter() - self._t0)
+        (self.times if batch_idx >= self.warmup else self.warmup_times).append(time.perf_counter() - self._t0)
 
 
 class FlopCounterCallback(pl.Callback):
@@ -145,11 +193,25 @@ class FlopCounterCallback(pl.Callback):
 
 
 def summarize(
-    times: list[float], batch: int, flops_per_iter: float | None, peak_tflops: float | None
+    times: list[float],
+    batch: int,
+    flops_per_iter: float | None,
+    peak_tflops: float | None,
+    warmup_times: list[float] | None = None,
 ) -> dict[str, Any]:
-    """img/s, ms/iteration (median and mean), achieved TFLOP/s and MFU from per-iteration times."""
+    """img/s, ms/iteration (median and mean), achieved TFLOP/s and MFU from per-iteration times.
+
+    With ``warmup_times``: ``warmup_s`` (their sum) and ``compile_s``, the warm-up's excess over as many
+    steady-state iterations (torch.compile and autotuning time, an estimate).
+    """
     mean = statistics.fmean(times)
-    out: dict[str, Any] = {
+    out: dict[str, Any] = {}
+    if warmup_times:
+        out["warmup_s"] = round(sum(warmup_times), 3)
+        out["compile_s"] = round(
+            max(sum(warmup_times) - len(warmup_times) * statistics.median(times), 0.0), 3
+        )
+    out |= {
         "iterations_timed": len(times),
         "ms_per_iter": round(1e3 * mean, 3),
         "ms_per_iter_median": round(1e3 * statistics.median(times), 3),

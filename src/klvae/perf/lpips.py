@@ -1,14 +1,18 @@
-"""LPIPS assembled from ``lpips.LPIPS``'s own pieces, with the target image's branch outside autograd.
+"""LPIPS assembled from ``lpips.LPIPS``'s own pieces, optionally with the target image's branch outside autograd.
 
 ``lpips.LPIPS.forward(in0, in1)`` = Σ_l mean_{h,w} lin_l((n(φ_l(s(in0))) − n(φ_l(s(in1))))²), with s the
 scaling layer, φ_l the VGG slices, n the channel-wise unit normalisation (eps 1e-10) and lin_l a 1×1 conv.
-Here the same formula is evaluated with φ(s(target)) under ``no_grad``: the target (the input image) never
+The trunk is called as ``model.net(...)`` (``Module.__call__``), so a compiled trunk (``Module.compile()``)
+is used; ``lpips.LPIPS.forward`` calls ``net.forward`` and would silently bypass it.
+With ``target_no_grad`` φ(s(target)) is evaluated under ``no_grad``: the target (the input image) never
 needs a gradient, so nothing of its branch can be kept for backward even if a caller makes ``target``
 require grad. Only ``lpips.LPIPS(net="vgg", lpips=True, spatial=False, version="0.1")`` is supported, the
 configuration the loss uses.
 """
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 
@@ -22,8 +26,8 @@ def _check(model: torch.nn.Module) -> None:
         or not getattr(model, "lpips", True)
     ):
         raise ValueError(
-            "lpips_distance supports lpips.LPIPS(lpips=True, spatial=False, version='0.1') only; "
-            "set optimizations.lpips_target_no_grad: false for other LPIPS configurations"
+            "lpips_distance supports lpips.LPIPS(lpips=True, spatial=False, version='0.1') only "
+            "(the configuration klvae.modules.perceptual.load_lpips builds)"
         )
 
 
@@ -37,19 +41,22 @@ def lpips_features(model: torch.nn.Module, image: torch.Tensor) -> list[torch.Te
     return [_unit_normalize(f) for f in model.net(model.scaling_layer(image))]
 
 
-def lpips_distance(model: torch.nn.Module, target: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
-    """LPIPS(target, prediction), numerically ``model(target, prediction)``, gradients only into ``prediction``.
+def lpips_distance(
+    model: torch.nn.Module, target: torch.Tensor, prediction: torch.Tensor, target_no_grad: bool = True
+) -> torch.Tensor:
+    """LPIPS(target, prediction), numerically ``model(target, prediction)``.
 
     Args:
         model: an ``lpips.LPIPS`` (frozen, eval mode).
         target: reference images (B, 3, H, W) in [-1, 1]; treated as a constant.
         prediction: reconstructions (B, 3, H, W) in [-1, 1].
+        target_no_grad: compute the target's features under ``no_grad`` (no gradient into ``target``).
 
     Returns:
         (B, 1, 1, 1) distances, like ``lpips.LPIPS.forward``.
     """
     _check(model)
-    with torch.no_grad():
+    with torch.no_grad() if target_no_grad else nullcontext():
         target_feats = lpips_features(model, target)
     pred_feats = lpips_features(model, prediction)
     total = 0

@@ -18,6 +18,9 @@ __all__ = ["COMPILE_REGIONS", "Optimizations", "parse_optimizations"]
 # Modules that torch.compile can take whole (no graph breaks; checked in tests/test_perf.py).
 COMPILE_REGIONS = ("encoder", "decoder", "lpips", "discriminator")
 _COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# "inductor" generates kernels; "aot_eager" traces forward and backward the same way but runs them with
+# eager kernels (seconds instead of minutes to compile: the tests' stand-in for a GPU run).
+_COMPILE_BACKENDS = ("inductor", "aot_eager")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +32,7 @@ class Optimizations:
             state-dict keys do not change). Inductor fuses GroupNorm + SiLU and recomputes cheap
             pointwise ops in backward, which roughly halves activation memory. ``None``: on with CUDA.
         compile_mode: torch.compile ``mode`` (``"reduce-overhead"`` adds CUDA graphs). ``None``: default.
+        compile_backend: ``"inductor"`` (default) or ``"aot_eager"`` (same graphs, eager kernels).
         compile_regions: which of ``encoder``, ``decoder``, ``lpips`` (the VGG trunk), ``discriminator``.
         fused_adam: ``torch.optim.Adam(fused=True)`` (one kernel for all parameters). ``None``: on with CUDA.
         channels_last: regions whose weights are converted to NHWC. Empty by default: GroupNorm in NHWC
@@ -43,6 +47,7 @@ class Optimizations:
 
     compile: bool | None = None
     compile_mode: str | None = None
+    compile_backend: str = "inductor"
     compile_regions: tuple[str, ...] = COMPILE_REGIONS
     fused_adam: bool | None = None
     channels_last: tuple[str, ...] = ()
@@ -61,6 +66,15 @@ class Optimizations:
         if self.compile_mode not in _COMPILE_MODES:
             raise ValueError(
                 f"optimizations.compile_mode must be one of {_COMPILE_MODES}, got {self.compile_mode!r}"
+            )
+        if self.compile_backend not in _COMPILE_BACKENDS:
+            raise ValueError(
+                f"optimizations.compile_backend must be one of {_COMPILE_BACKENDS}, got {self.compile_backend!r}"
+            )
+        if self.compile_mode is not None and self.compile_backend != "inductor":
+            raise ValueError(
+                f"optimizations.compile_mode {self.compile_mode!r} needs compile_backend 'inductor', "
+                f"got {self.compile_backend!r}"
             )
         for name in ("compile_regions", "channels_last"):
             regions = getattr(self, name)

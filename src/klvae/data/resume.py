@@ -1,0 +1,100 @@
+"""Training loaders that resume mid-epoch exactly: Lightning saves their position in the checkpoint.
+
+Lightning (2.3+) stores ``state_dict()`` of every training DataLoader that has one in the checkpoint and
+calls ``load_state_dict`` on resume before iterating. The position saved is (epoch, batches this rank
+has trained on in it), read from the fit loop's progress counters at save time -- not from the loader,
+which has already prefetched batches the model never saw. On resume the next iteration of that epoch
+skips exactly those batches; everything else (order, crops, flips) is a pure function of the seed,
+rank, epoch and sample position, so the batches after the resume are the uninterrupted run's.
+
+``ResumableSampler`` serves the map-style folder dataset: a ``DistributedSampler`` (so Lightning never
+replaces it under DDP) whose permutation depends on (seed, epoch) only, yielding ``(epoch, index)`` so
+the dataset can seed each sample's crop from (seed, epoch, index) even in persistent workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+__all__ = ["ResumableLoader", "ResumableSampler", "trained_batches"]
+
+
+def trained_batches(trainer: Any) -> tuple[int, int]:
+    """(epoch, batches of it trained on) of a Lightning trainer; (0, 0) without one."""
+    if trainer is None:
+        return 0, 0
+    progress = trainer.fit_loop.epoch_loop.batch_progress.current
+    return int(trainer.current_epoch), int(progress.processed)
+
+
+class ResumableSampler(DistributedSampler):
+    """Per-rank sample order that is a function of (seed, epoch); can start ``skip`` samples in.
+
+    Args:
+        dataset: the map-style dataset (only its length is used).
+        rank, world_size: this rank and the number of ranks.
+        shuffle: a fresh permutation per epoch (``torch.randperm`` seeded with ``seed + epoch``).
+        seed: the data seed.
+        drop_last: drop the tail so every rank gets the same count (else pad by repeating).
+    """
+
+    def __init__(
+        self, dataset: Dataset, rank: int, world_size: int, shuffle: bool, seed: int, drop_last: bool
+    ) -> None:
+        super().__init__(
+            dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
+        )
+        self.skip = 0
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        indices = list(super().__iter__())[self.skip :]
+        self.skip = 0
+        epoch = self.epoch
+        return iter([(epoch, i) for i in indices])
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader whose position Lightning checkpoints; ``on_resume(epoch, batches)`` prepares the skip.
+
+    Args:
+        trainer_fn: returns the attached trainer (or None).
+        on_iter: called with (epoch, batches to skip) right before each new iterator is created.
+        **kwargs: DataLoader arguments.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        trainer_fn: Callable[[], Any],
+        on_iter: Callable[[int, int], None],
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(dataset, **kwargs)
+        self._trainer_fn = trainer_fn
+        self._on_iter = on_iter
+        self._iterations = 0
+        self._resume: dict[str, int] | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, batches = trained_batches(self._trainer_fn())
+        return {"epoch": epoch, "batches": batches, "format": 1}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resume = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
+
+    def __iter__(self) -> Iterator:
+        trainer = self._trainer_fn()
+        epoch = trainer.current_epoch if trainer is not None else self._iterations
+        self._iterations += 1
+        skip = 0
+        if self._resume is not None and self._resume["epoch"] == epoch:
+            skip = self._resume["batches"]
+            if skip >= len(self):
+                # Saved after the epoch's last batch: Lightning counts this iterator as the next epoch.
+                epoch, skip = epoch + 1, 0
+        self._resume = None
+        self._on_iter(epoch, skip)
+        return super().__iter__()
