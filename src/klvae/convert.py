@@ -1,6 +1,6 @@
 """Key/shape mapping between LDM's ``first_stage_model`` layout and diffusers' ``AutoencoderKL`` layout.
 
-klvae's network uses LDM's 248 names (spec §1). diffusers renames the same tensors; the mapping is a
+klvae's network uses LDM's 248 names (CompVis/latent-diffusion). diffusers renames the same tensors; the mapping is a
 bijection for the kl-f8 family (no attention inside the levels, ``embed_dim == z_channels``,
 ``ch_mult[0] == 1``), which :func:`check_diffusers_compatible` enforces. Loading any file into a network
 lives in :mod:`klvae.loading`; this module only renames, reshapes and translates configs.

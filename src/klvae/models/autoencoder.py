@@ -76,7 +76,7 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
         learning_rate: discriminator lr; the CLI overwrites it with the ``--scale_lr`` result.
         lr_g_factor: autoencoder lr = ``lr_g_factor · learning_rate``.
         adam_betas: Adam betas of both optimizers.
-        update_schedule: ``"alternate"`` (seed: after disc_start even iterations update the autoencoder,
+        update_schedule: ``"alternate"`` (default: after disc_start even iterations update the autoencoder,
             odd ones the discriminator) or ``"every_batch"`` (LDM: one forward, both updates).
         accumulate_grad_batches: batches per update round (Lightning cannot do this in manual mode).
         gradient_clip_val: clip each optimizer's gradient norm to this value (None: off), after unscaling

@@ -1,4 +1,4 @@
-"""PatchGAN discriminator (pix2pix's NLayerDiscriminator) as used by LDM/taming, spec §4."""
+"""PatchGAN discriminator (pix2pix's NLayerDiscriminator) as used by LDM/taming (CompVis/taming-transformers)."""
 
 from __future__ import annotations
 

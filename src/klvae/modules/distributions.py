@@ -1,4 +1,4 @@
-"""The diagonal Gaussian posterior q(z|x) that the encoder's moments parameterise (spec §2)."""
+"""The diagonal Gaussian posterior q(z|x) that the encoder's moments parameterise (LDM's `DiagonalGaussianDistribution`)."""
 
 from __future__ import annotations
 

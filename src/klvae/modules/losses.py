@@ -82,11 +82,11 @@ class LPIPSWithDiscriminator(nn.Module):
         logvar_init: initial value of LDM's scalar output log-variance (nll = rec/exp(logvar) + logvar).
         learn_logvar: put ``logvar`` in the autoencoder optimizer (sgm/SD2); off in LDM, so it stays put.
         kl_weight: weight of mean_b KL(q(z|x_b) || N(0, I)).
-        pixel_loss: ``"l1"`` (LDM) or ``"l2"`` (the seed, sd-vae-ft-mse).
+        pixel_loss: ``"l1"`` (LDM) or ``"l2"`` (klvae's default recipe, sd-vae-ft-mse).
         pixelloss_weight: weight of the pixel term.
         perceptual_weight: weight of LPIPS (0 skips building it).
         perceptual_backbone: ``"imagenet"``, a weights file, or ``"random"`` (see :func:`load_lpips`).
-        reduction: ``"sum"`` (per-sample sum over C·H·W, published) or ``"mean"`` (seed's literal snippet).
+        reduction: ``"sum"`` (per-sample sum over C·H·W, published) or ``"mean"`` (a plain ``F.mse_loss``).
         disc_num_layers, disc_in_channels, disc_ndf, use_actnorm: the PatchGAN's shape.
         disc_factor: multiplier of both adversarial terms once active.
         disc_weight: multiplier of the adaptive generator weight λ.

@@ -1,4 +1,4 @@
-"""Encoder and Decoder of the KL-f8 autoencoder (spec §1), in plain torch.
+"""Encoder and Decoder of the KL-f8 autoencoder (Rombach et al., LDM, CVPR 2022; CompVis/latent-diffusion `ldm/modules/diffusionmodules/model.py`), in plain torch.
 
 Module names reproduce LDM's layout exactly (``down.{i}.block.{j}``, ``mid.attn_1.q``, ``up.{i}.upsample``
 ...) so that Latent/Stable Diffusion ``first_stage_model`` weights load with ``strict=True``. Both classes

@@ -1,7 +1,7 @@
 """The reference point of the benchmarks: diffusers' ``AutoencoderKL`` with the same config and loss.
 
 Its training step is plain PyTorch -- encode, sample, decode, L2 + ``p_weight``·LPIPS summed over C·H·W per
-sample, + ``kl_weight``·KL, backward, Adam -- i.e. klvae's pre-``disc_start`` objective with the seed's
+sample, + ``kl_weight``·KL, backward, Adam -- i.e. klvae's pre-``disc_start`` objective with the default recipe's
 settings, so both implementations do the same arithmetic.
 """
 

@@ -36,7 +36,7 @@ class Optimizations:
         compile_regions: which of ``encoder``, ``decoder``, ``lpips`` (the VGG trunk), ``discriminator``.
         fused_adam: ``torch.optim.Adam(fused=True)`` (one kernel for all parameters). ``None``: on with CUDA.
         channels_last: regions whose weights are converted to NHWC. Empty by default: GroupNorm in NHWC
-            made the autoencoder slower in the issue's measurements; the VGG trunk (no GroupNorm) may gain.
+            made the autoencoder slower in earlier H100 measurements; the VGG trunk (no GroupNorm) may gain.
         lpips_target_no_grad: compute LPIPS by hand (:func:`klvae.perf.lpips.lpips_distance`) with the
             features of the input image under ``no_grad``. Same value and gradients as ``lpips.LPIPS``.
         gradient_checkpointing: recompute each ResnetBlock in backward (~1/3 more autoencoder compute for
