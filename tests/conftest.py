@@ -70,3 +70,19 @@ def _quiet_and_seeded() -> None:
     torch.manual_seed(0)
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+
+
+@pytest.fixture(autouse=True)
+def _offline_wandb(tmp_path, monkeypatch):
+    """No test reaches W&B's servers; a run directory is never inherited from the environment."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.delenv("KLVAE_RUN_DIR", raising=False)
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory):
+    """Four real scikit-image photographs as 32² PNG files (tests.cli_helpers.write_photos)."""
+    from tests.cli_helpers import write_photos
+
+    return write_photos(tmp_path_factory.mktemp("photos"))

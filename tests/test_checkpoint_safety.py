@@ -4,28 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
-import pytest
 import pytorch_lightning as pl
 import torch
 
 from klvae.callbacks.checkpointing import atomic_torch_save, checkpoint_problem
 from klvae.cli import main
 from klvae.run_dir import create_run_dir
-from tests.cli_helpers import only_run_dir, tiny_args, write_photos
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory) -> Path:
-    return write_photos(tmp_path_factory.mktemp("photos"))
-
-
-@pytest.fixture(autouse=True)
-def _offline_wandb(tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.delenv("KLVAE_RUN_DIR", raising=False)
+from tests.cli_helpers import only_run_dir, tiny_args
 
 
 class PoisonWeights(pl.Callback):

@@ -14,19 +14,7 @@ import torch
 
 from klvae.cli import main
 from klvae.trainer_setup import parse_gpus
-from tests.cli_helpers import MAIN, TINY, only_run_dir, subprocess_env, tiny_args, train_losses, write_photos
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory) -> Path:
-    return write_photos(tmp_path_factory.mktemp("photos"))
-
-
-@pytest.fixture(autouse=True)
-def _offline_wandb(tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.delenv("KLVAE_RUN_DIR", raising=False)
+from tests.cli_helpers import MAIN, TINY, only_run_dir, subprocess_env, tiny_args, train_losses
 
 
 def shard_config(tmp_path: Path, shards: list[list[dict]]) -> Path:

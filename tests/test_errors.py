@@ -15,21 +15,9 @@ import pytest
 import torch
 
 from klvae.cli import main
-from tests.cli_helpers import only_run_dir, tiny_args, write_photos
+from tests.cli_helpers import only_run_dir, tiny_args
 from tests.data.conftest import encode, random_image
 from tests.test_cli import shard_config
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory) -> Path:
-    return write_photos(tmp_path_factory.mktemp("photos"))
-
-
-@pytest.fixture(autouse=True)
-def _offline_wandb(tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.delenv("KLVAE_RUN_DIR", raising=False)
 
 
 def one_error_line(capsys, prefix: str = "error: ") -> str:

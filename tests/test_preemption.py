@@ -13,12 +13,7 @@ import pytest
 import torch
 
 from klvae.callbacks.checkpointing import checkpoint_problem
-from tests.cli_helpers import MAIN, only_run_dir, subprocess_env, tiny_args, write_photos
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory) -> Path:
-    return write_photos(tmp_path_factory.mktemp("photos"))
+from tests.cli_helpers import MAIN, only_run_dir, subprocess_env, tiny_args
 
 
 def _signal_group_mid_run(photos: Path, tmp_path: Path, signum: int) -> tuple[subprocess.Popen, str, Path]:

@@ -14,13 +14,6 @@ from tests.data.conftest import encode, random_image
 from tests.test_cli import shard_config
 
 
-@pytest.fixture(autouse=True)
-def _offline_wandb(tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.delenv("KLVAE_RUN_DIR", raising=False)
-
-
 def _compare(full_dir, part_dir, resumed_from: int, total: int) -> None:
     full, resumed = train_losses(only_run_dir(full_dir)), train_losses(only_run_dir(part_dir))
     assert sorted(full) == sorted(resumed) == list(range(1, total + 1))

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from klvae.cli import main
 from klvae.models.autoencoder import AutoencoderKL
-from tests.cli_helpers import only_run_dir, tiny_args, train_losses, write_photos
+from tests.cli_helpers import only_run_dir, tiny_args, train_losses
 
 # Training-only graphs per region. encoder/decoder: the autoencoder update (grad) and the alternate
 # schedule's no-grad reconstruction for the discriminator update; lpips: the input's branch (no grad
@@ -24,18 +24,6 @@ from tests.cli_helpers import only_run_dir, tiny_args, train_losses, write_photo
 # and the discriminator update. Validation, the sanity check and log_images run eager.
 GRAPH_BUDGET = {"encoder": 2, "decoder": 2, "lpips": 2, "discriminator": 2}
 _GRAPH_LOG = re.compile(r"torch\.compile: graph (\d+) of region (\w+)")
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory) -> Path:
-    return write_photos(tmp_path_factory.mktemp("photos"))
-
-
-@pytest.fixture(autouse=True)
-def _offline_wandb(tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.delenv("KLVAE_RUN_DIR", raising=False)
 
 
 def graphs_per_region(caplog: pytest.LogCaptureFixture) -> dict[str, int]:

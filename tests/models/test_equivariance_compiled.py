@@ -29,13 +29,6 @@ from tests.models.test_compiled_training import graphs_per_region
 EQ_GRAPH_BUDGET = {"encoder": 4, "decoder": 4, "lpips": 6, "discriminator": 4}
 
 
-@pytest.fixture(autouse=True)
-def _offline_wandb(tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.delenv("KLVAE_RUN_DIR", raising=False)
-
-
 @pytest.fixture(scope="module")
 def photos64(tmp_path_factory) -> Path:
     # 64² (latents 32² at the tiny config's f = 2): the smallest scale 8/32 still leaves LPIPS' VGG 16² input.
