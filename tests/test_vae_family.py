@@ -148,3 +148,34 @@ def test_full_size_parameter_counts_4_and_16_channels() -> None:
     assert _count(c16.quant_conv) + _count(c16.post_quant_conv) == 1_328
     assert _count(c16_bare) == 34_274_208 + 49_545_475 == 83_819_683  # SD3 / FLUX.1's VAE
     assert len(c16_bare.state_dict()) == len(c4.state_dict()) - 4 == 244
+
+
+@pytest.mark.parametrize(
+    ("recipe", "family"), [("finetune_flux_vae.yaml", "flux_sd3_c16"), ("finetune_sdxl_vae.yaml", "sdxl_c4")]
+)
+def test_fine_tune_recipes_read_their_family_from_a_diffusers_folder(
+    recipe: str, family: str, tmp_path
+) -> None:
+    from pathlib import Path
+
+    from klvae.util import instantiate_from_config, load_config
+
+    latent, quant = FAMILIES[family]
+    source = _diffusers_vae(latent, quant)
+    source.save_pretrained(tmp_path / "vae")
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    cfg = load_config(
+        [configs / recipe],
+        [
+            f"model.params.ckpt_path={tmp_path / 'vae'}",
+            "model.params.lossconfig.params.perceptual_backbone=random",
+        ],
+    )
+    model = instantiate_from_config(cfg.model)
+    assert model.network.z_channels == latent and model.network.use_quant_conv is quant
+    _assert_same_codec(source, lambda x: model.encode(x).mean, model.decode)
+    if family == "flux_sd3_c16":  # a 4-channel file given to the 16-channel recipe: one clear line
+        _diffusers_vae(4, True).save_pretrained(tmp_path / "sd")
+        cfg.model.params.ckpt_path = str(tmp_path / "sd")
+        with pytest.raises(ValueError, match="disagree on the quant convs"):
+            instantiate_from_config(cfg.model)

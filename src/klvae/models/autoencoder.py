@@ -62,6 +62,24 @@ class _SavedInput:
         return _SavedInput()
 
 
+def _check_quant_convs(
+    path: str, weights: VAEWeights, use_quant_conv: bool | None, use_post_quant_conv: bool | None
+) -> None:
+    """A configured quant conv that the warm-start file lacks (or the reverse) is one clear error."""
+    given = {"use_quant_conv": use_quant_conv, "use_post_quant_conv": use_post_quant_conv}
+    convs = [
+        f"{name}: file {getattr(weights, name)} vs config {value}"
+        for name, value in given.items()
+        if value is not None and value != getattr(weights, name)
+    ]
+    if convs:
+        raise ValueError(
+            f"{path} and the config disagree on the quant convs ({'; '.join(convs)}; file embed_dim "
+            f"{weights.embed_dim}). Use a recipe for this VAE family, or set model.params.use_quant_conv / "
+            "use_post_quant_conv to null to take the file's."
+        )
+
+
 class AutoencoderKL(KLCodec, pl.LightningModule):
     """KL-regularised autoencoder (LDM's ``first_stage_model``) with its GAN training recipe.
 
@@ -168,6 +186,8 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
             log.info("network read from %s: ddconfig=%s", ckpt_path, ddconfig)
         ddconfig = to_container(ddconfig)
         # None: the warm-start file's convs (present or absent), else kl-f8's (present).
+        if warm_start is not None:
+            _check_quant_convs(str(ckpt_path), warm_start, use_quant_conv, use_post_quant_conv)
         if use_quant_conv is None:
             use_quant_conv = warm_start.use_quant_conv if warm_start is not None else True
         if use_post_quant_conv is None:
@@ -322,16 +342,6 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
             for k, v in network.items()
             if k in own and v.shape != own[k].shape
         ]
-        convs = [
-            f"{name}: file {getattr(weights, name)} vs config {getattr(self.network, name)}"
-            for name in ("use_quant_conv", "use_post_quant_conv")
-            if getattr(weights, name) != getattr(self.network, name)
-        ]
-        if convs:
-            raise ValueError(
-                f"{path} and the config disagree on the quant convs ({'; '.join(convs)}). Set "
-                "model.params.use_quant_conv / use_post_quant_conv to null to take the file's."
-            )
         if wrong or weights.embed_dim != self.embed_dim:
             try:
                 actual: Any = read_vae_weights(path).ddconfig  # what the file's shapes say
