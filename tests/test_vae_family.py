@@ -179,3 +179,41 @@ def test_fine_tune_recipes_read_their_family_from_a_diffusers_folder(
         cfg.model.params.ckpt_path = str(tmp_path / "sd")
         with pytest.raises(ValueError, match="disagree on the quant convs"):
             instantiate_from_config(cfg.model)
+
+
+def test_latent_stats_give_both_factors_and_export_writes_them(tmp_path) -> None:
+    """klvae-latent-stats on a 16-channel VAE, then klvae-export --latent-stats: diffusers' (z - shift) * scale
+    of the exported folder has mean 0 and std 1 on the same images."""
+    import numpy as np
+    from PIL import Image
+
+    from klvae.eval_data import image_batches
+    from klvae.export import main as export_main
+    from klvae.latent_stats import main as stats_main
+
+    _diffusers_vae(16, False).save_pretrained(tmp_path / "vae")
+    (tmp_path / "imgs").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (32, 40, 3), dtype=np.uint8)).save(
+            tmp_path / "imgs" / f"{i}.png"
+        )
+    stats_args = ["--data", str(tmp_path / "imgs"), "--resolution", "32", "--batch-size", "2", "--mode"]
+    stats_main([str(tmp_path / "vae"), *stats_args, "--out", str(tmp_path / "stats.json")])
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    export_main([str(tmp_path / "vae"), "--format", "diffusers", "--out", str(tmp_path / "out"),
+                 "--latent-stats", str(tmp_path / "stats.json")])  # fmt: skip
+    theirs = DiffusersAutoencoderKL.from_pretrained(tmp_path / "out").eval()
+    assert (theirs.config.scaling_factor, theirs.config.shift_factor) == (
+        stats["scaling_factor"],
+        stats["shift_factor"],
+    )
+    with torch.no_grad():
+        z = torch.cat(
+            [theirs.encode(x).latent_dist.mean for x, _ in image_batches(str(tmp_path / "imgs"), 32, 2)]
+        )
+    normalised = (z.double() - theirs.config.shift_factor) * theirs.config.scaling_factor
+    assert abs(float(normalised.mean())) < 1e-5 and abs(float(normalised.std()) - 1) < 1e-5
+    export_main([str(tmp_path / "vae"), "--format", "diffusers", "--out", str(tmp_path / "sdxl_style"),
+                 "--latent-stats", str(tmp_path / "stats.json"), "--no-shift"])  # fmt: skip
+    assert "shift_factor" not in json.loads((tmp_path / "sdxl_style" / "config.json").read_text())

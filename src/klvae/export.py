@@ -129,8 +129,8 @@ def resolve_latent_factors(
 ) -> tuple[float | None, float | None]:
     """Pick (scaling_factor, shift_factor): explicit values, then a ``klvae-latent-stats`` JSON, then the
     source's own record (diffusers config / earlier export). A stats file gives both (diffusers/FLUX
-    normalise as ``(z - shift) * scale``); ``with_shift=False`` keeps only its scale, for pipelines that
-    ignore ``shift_factor`` (SD 1.x/2.x, SDXL)."""
+    normalise as ``(z - shift) * scale``); ``with_shift=False`` writes no shift unless one is given
+    explicitly, for pipelines that ignore ``shift_factor`` (SD 1.x/2.x, SDXL)."""
     if latent_stats is not None:
         stats = json.loads(Path(latent_stats).read_text())
         if scaling_factor is None:
@@ -139,7 +139,7 @@ def resolve_latent_factors(
             shift_factor = float(stats["shift_factor"])
     if scaling_factor is None:
         scaling_factor = weights.scaling_factor
-    if shift_factor is None:
+    if shift_factor is None and with_shift:
         shift_factor = weights.shift_factor
     return scaling_factor, shift_factor
 
@@ -162,7 +162,7 @@ def _parser() -> argparse.ArgumentParser:
         "--no-shift",
         dest="with_shift",
         action="store_false",
-        help="take only scaling_factor from --latent-stats (for SD/SDXL pipelines, which ignore shift_factor)",
+        help="write no shift_factor unless --shift-factor is given (SD/SDXL pipelines ignore it)",
     )
     ema = p.add_mutually_exclusive_group()
     ema.add_argument(
