@@ -16,7 +16,7 @@ from klvae.inference import InferenceVAE
 from klvae.loading import read_vae_weights
 from klvae.models.autoencoder import AutoencoderKL
 from klvae.modules.config import NetworkConfig
-from klvae.modules.vae import KLAutoencoder
+from klvae.modules.vae import KL_F8_DDCONFIG, KLAutoencoder
 from tests.models.test_autoencoder import fit
 
 from .conftest import TINY_LOSSCONFIG
@@ -217,3 +217,29 @@ def test_latent_stats_give_both_factors_and_export_writes_them(tmp_path) -> None
     export_main([str(tmp_path / "vae"), "--format", "diffusers", "--out", str(tmp_path / "sdxl_style"),
                  "--latent-stats", str(tmp_path / "stats.json"), "--no-shift"])  # fmt: skip
     assert "shift_factor" not in json.loads((tmp_path / "sdxl_style" / "config.json").read_text())
+
+
+def test_analytic_flops_of_the_16_channel_network_without_quant_convs() -> None:
+    from klvae.perf.flops import analytic_codec_flops, count_module_flops
+
+    ddconfig = {"z_channels": 16}
+    with torch.device("meta"):
+        vae = KLAutoencoder(ddconfig, 16, use_quant_conv=False, use_post_quant_conv=False)
+        enc = count_module_flops(lambda x: vae.encode(x).parameters, torch.empty(1, 3, 256, 256))
+        dec = count_module_flops(vae.decode, torch.empty(1, 16, 32, 32))
+    assert vae.network.ddconfig() == {**KL_F8_DDCONFIG, "z_channels": 16}
+    analytic = analytic_codec_flops(
+        vae.network.ddconfig(), 16, 256, 256, use_quant_conv=False, use_post_quant_conv=False
+    )
+    assert (enc, dec) == (analytic["encoder"], analytic["decoder"])
+
+
+def test_network_config_is_built_from_the_yaml_keys_and_written_back() -> None:
+    ddconfig = {**KL_F8_DDCONFIG, "norm_num_groups": 32}
+    network = NetworkConfig.from_params(ddconfig, 4)
+    assert network == NetworkConfig() and network.ddconfig() == ddconfig  # kl-f8 defaults, keys as given
+    assert NetworkConfig.from_params({}, 4).ddconfig() == KL_F8_DDCONFIG
+    with pytest.raises(ValueError, match="embed_dim must be a positive integer"):
+        NetworkConfig.from_params({}, 0)
+    with pytest.raises(ValueError, match="double_z must be true"):
+        NetworkConfig.from_params({"double_z": False}, 4)

@@ -23,6 +23,11 @@ __all__ = ["DECODER_ONLY_KEYS", "NetworkConfig"]
 # Keys of ddconfig that only the Decoder takes (LDM's knobs; both False in every published model).
 DECODER_ONLY_KEYS = ("give_pre_end", "tanh_out")
 _INTERFACE_KEYS = ("embed_dim", "use_quant_conv", "use_post_quant_conv")
+# The keys of LDM's published kl-f8 ddconfig (CompVis/latent-diffusion, autoencoder_kl_32x32x4.yaml).
+_LDM_KEYS = (
+    "double_z", "z_channels", "resolution", "in_channels", "out_ch", "ch", "ch_mult", "num_res_blocks",
+    "attn_resolutions", "dropout",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -51,7 +56,7 @@ class NetworkConfig:
     embed_dim: int = 4
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
-    # Which ddconfig keys were given (so ddconfig() writes back what the user wrote, plus nothing invented).
+    # Which ddconfig keys were given (ddconfig() writes LDM's keys plus these, never defaults nobody set).
     given_keys: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
     @classmethod
@@ -121,11 +126,9 @@ class NetworkConfig:
         return self._network_fields()
 
     def ddconfig(self) -> dict[str, Any]:
-        """The LDM ``ddconfig`` dict (plain types): the given keys, or every field when built directly."""
+        """The LDM ``ddconfig`` dict (plain types): LDM's ten published keys, plus any other key given."""
         fields = self._network_fields()
-        keys = self.given_keys or [
-            k for k in fields if k not in ("gradient_checkpointing", *DECODER_ONLY_KEYS)
-        ]
+        keys = [*_LDM_KEYS, *(k for k in self.given_keys if k not in _LDM_KEYS)]
         return {k: list(fields[k]) if isinstance(fields[k], tuple) else fields[k] for k in keys}
 
     def _network_fields(self) -> dict[str, Any]:
