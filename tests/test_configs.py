@@ -24,7 +24,10 @@ def test_shipped_config_builds(path, tiny_ddconfig):
         params = cfg.model.params
         # Full size would work too; tiny keeps the test fast. Weights are not needed for the structure.
         # (a null ddconfig, read from ckpt_path in the fine-tune recipe, gets the tiny one)
-        params.ddconfig = OmegaConf.merge(params.ddconfig or {}, tiny_ddconfig)
+        # (z_channels stays the recipe's: 16-channel recipes tie it to embed_dim without quant convs)
+        params.ddconfig = OmegaConf.merge(
+            params.ddconfig or {}, {**tiny_ddconfig, "z_channels": params.embed_dim}
+        )
         params.lossconfig.params.perceptual_backbone = "random"
         if "ckpt_path" in params.keys():  # noqa: SIM118 (`in` skips a mandatory `???`, as in the fine-tune recipe)
             params.ckpt_path = None
@@ -60,7 +63,14 @@ def test_ldm_recipe_values():
 
 def test_every_shipped_recipe_points_at_data_from_the_command_line():
     """The short path (one-source ``train.shards``) and list-index overrides, as the README shows them."""
-    for name in ("autoencoder_kl_f8.yaml", "finetune_sd_vae_decoder.yaml", "finetune_eqvae.yaml"):
+    for name in (
+        "autoencoder_kl_f8.yaml",
+        "autoencoder_kl_f8_c16.yaml",
+        "finetune_sd_vae_decoder.yaml",
+        "finetune_sdxl_vae.yaml",
+        "finetune_flux_vae.yaml",
+        "finetune_eqvae.yaml",
+    ):
         cfg = load_config(
             [CONFIGS[0].parent / name],
             [
@@ -88,3 +98,19 @@ def test_folder_overlay_replaces_the_shard_data_block():
 def test_finetune_recipe_reads_the_network_from_the_checkpoint():
     cfg = load_config([CONFIGS[0].parent / "finetune_sd_vae_decoder.yaml"])
     assert cfg.model.params.ddconfig is None and cfg.model.params.ckpt_use_ema is None
+
+
+def test_16_channel_recipes_have_no_quant_convs():
+    scratch = load_config([CONFIGS[0].parent / "autoencoder_kl_f8_c16.yaml"]).model.params
+    assert (scratch.ddconfig.z_channels, scratch.embed_dim) == (16, 16)
+    assert scratch.use_quant_conv is False and scratch.use_post_quant_conv is False
+    assert scratch.ddconfig.ch_mult == [1, 2, 4, 4] and scratch.ddconfig.ch == 128
+    flux = load_config([CONFIGS[0].parent / "finetune_flux_vae.yaml"]).model.params
+    assert flux.ddconfig is None and flux.embed_dim == 16 and flux.train_decoder_only is True
+    assert flux.use_quant_conv is False and flux.use_post_quant_conv is False
+
+
+def test_sdxl_recipe_is_the_decoder_only_kl_f8_fine_tune():
+    sdxl = load_config([CONFIGS[0].parent / "finetune_sdxl_vae.yaml"]).model.params
+    assert sdxl.ddconfig is None and sdxl.embed_dim == 4 and sdxl.train_decoder_only is True
+    assert "use_quant_conv" not in sdxl  # taken from the checkpoint (SDXL's VAE has them)

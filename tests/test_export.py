@@ -75,7 +75,7 @@ def test_export_ldm_file_loads_strictly(run_checkpoint, tmp_path, suffix: str) -
     stats = tmp_path / "stats.json"
     stats.write_text(json.dumps({"scaling_factor": 0.9, "shift_factor": 0.2}))
     out = tmp_path / f"vae{suffix}"
-    main([str(path), "--format", "ldm", "--out", str(out), "--latent-stats", str(stats), "--with-shift"])
+    main([str(path), "--format", "ldm", "--out", str(out), "--latent-stats", str(stats)])
     weights = read_vae_weights(out)
     assert weights.source_format == "klvae-export" and weights.ddconfig == TINY
     assert (weights.scaling_factor, weights.shift_factor) == (0.9, 0.2)

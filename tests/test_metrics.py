@@ -14,7 +14,7 @@ from klvae.metrics import (
     frechet_distance,
     inception_features,
     load_inception,
-    lpips_distance,
+    lpips_per_image,
     psnr,
     quantize,
     resize_bilinear_tf1,
@@ -61,9 +61,9 @@ def test_to_unit_and_quantize() -> None:
 def test_lpips_is_zero_for_identical_images_and_grows_with_noise() -> None:
     model = load_lpips("random")
     x = torch.rand(2, 3, 32, 32) * 2 - 1
-    assert torch.allclose(lpips_distance(model, x, x), torch.zeros(2, dtype=torch.float64), atol=1e-7)
-    small = lpips_distance(model, x, x + 0.05 * torch.randn_like(x))
-    large = lpips_distance(model, x, x + 0.5 * torch.randn_like(x))
+    assert torch.allclose(lpips_per_image(model, x, x), torch.zeros(2, dtype=torch.float64), atol=1e-7)
+    small = lpips_per_image(model, x, x + 0.05 * torch.randn_like(x))
+    large = lpips_per_image(model, x, x + 0.5 * torch.randn_like(x))
     assert (small > 0).all() and (large > small).all()
 
 
@@ -118,6 +118,6 @@ def test_real_lpips_orders_distortions() -> None:
         pytest.skip("run klvae-fetch-weights first")
     model = load_lpips(str(lpips_full_path()))
     x = torch.rand(2, 3, 64, 64) * 2 - 1
-    d1 = lpips_distance(model, x, x + 0.05 * torch.randn_like(x))
-    d2 = lpips_distance(model, x, x + 0.3 * torch.randn_like(x))
+    d1 = lpips_per_image(model, x, x + 0.05 * torch.randn_like(x))
+    d2 = lpips_per_image(model, x, x + 0.3 * torch.randn_like(x))
     assert (d1 < d2).all() and (d2 < 2).all()

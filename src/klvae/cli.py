@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["diffusers", "ldm"],
         default=None,
         help="after training, export the best checkpoint (else last.ckpt) to <run>/export/ "
-        "(diffusers measures the latent scaling_factor on the validation data)",
+        "(diffusers measures the latent scaling_factor and shift_factor on the validation data)",
     )
     a("--traceback", action="store_true", help="show full tracebacks for user errors too")
     return p

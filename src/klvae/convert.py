@@ -21,7 +21,9 @@ __all__ = [
     "detect_layout",
     "diffusers_config_from_ddconfig",
     "diffusers_to_ldm",
+    "embed_dim_from_state_dict",
     "ldm_to_diffusers",
+    "quant_convs_in_state_dict",
     "load_vae",
 ]
 
@@ -186,7 +188,25 @@ def ddconfig_from_state_dict(
         "dropout": 0.0,
         "norm_num_groups": int(norm_num_groups),
     }
-    return ddconfig, int(shape("post_quant_conv.weight")[1])
+    return ddconfig, embed_dim_from_state_dict(state_dict)
+
+
+def quant_convs_in_state_dict(state_dict: Mapping[str, torch.Tensor]) -> tuple[bool, bool]:
+    """``(use_quant_conv, use_post_quant_conv)`` of an LDM-layout state dict: whether their tensors exist.
+
+    SD3's and FLUX.1's VAEs have neither (diffusers ``use_quant_conv``/``use_post_quant_conv`` false).
+    """
+    return "quant_conv.weight" in state_dict, "post_quant_conv.weight" in state_dict
+
+
+def embed_dim_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> int:
+    """Posterior channels: post_quant_conv's input width, else (no quant convs) the decoder's input width."""
+    for key in ("post_quant_conv.weight", "decoder.conv_in.weight"):
+        if key in state_dict:
+            return int(state_dict[key].shape[1])
+    raise ValueError(
+        "cannot infer embed_dim: neither post_quant_conv.weight nor decoder.conv_in.weight is present"
+    )
 
 
 def ddconfig_from_diffusers_config(config: Mapping[str, Any]) -> tuple[dict[str, Any], int]:
@@ -194,7 +214,8 @@ def ddconfig_from_diffusers_config(config: Mapping[str, Any]) -> tuple[dict[str,
 
     Raises:
         ValueError: a diffusers option klvae's network cannot express (other block types or activation,
-            no quant convs, no mid attention, widths not multiples of the first).
+            no mid attention, widths not multiples of the first). ``use_quant_conv``/``use_post_quant_conv``
+            false (SD3, FLUX.1) are fine: the loader reads them from which tensors exist.
     """
     cls = config.get("_class_name", "AutoencoderKL")
     if cls != "AutoencoderKL":
@@ -208,8 +229,6 @@ def ddconfig_from_diffusers_config(config: Mapping[str, Any]) -> tuple[dict[str,
             )
     for name, want in [
         ("act_fn", "silu"),
-        ("use_quant_conv", True),
-        ("use_post_quant_conv", True),
         ("mid_block_add_attention", True),
     ]:
         if config.get(name, want) != want:
@@ -266,6 +285,8 @@ def diffusers_config_from_ddconfig(
     embed_dim: int,
     scaling_factor: float,
     shift_factor: float | None = None,
+    use_quant_conv: bool = True,
+    use_post_quant_conv: bool = True,
 ) -> dict[str, Any]:
     """diffusers ``AutoencoderKL`` ``config.json`` content for this network (keys of its ``__init__``).
 
@@ -275,6 +296,7 @@ def diffusers_config_from_ddconfig(
         scaling_factor: 1/std of the latents (``klvae-latent-stats``); 0.18215 only for SD's VAE.
         shift_factor: mean of the latents, written only when not None (diffusers then uses
             ``(z - shift) * scale``).
+        use_quant_conv, use_post_quant_conv: whether the network has them (False in SD3/FLUX.1).
     """
     check_diffusers_compatible(ddconfig, embed_dim)
     levels = len(ddconfig["ch_mult"])
@@ -292,8 +314,8 @@ def diffusers_config_from_ddconfig(
         "sample_size": int(ddconfig["resolution"]),
         "scaling_factor": float(scaling_factor),
         "force_upcast": True,
-        "use_quant_conv": True,
-        "use_post_quant_conv": True,
+        "use_quant_conv": bool(use_quant_conv),
+        "use_post_quant_conv": bool(use_post_quant_conv),
         "mid_block_add_attention": True,
     }
     if shift_factor is not None:

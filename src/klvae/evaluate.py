@@ -28,7 +28,7 @@ from klvae.metrics import (
     frechet_distance,
     inception_features,
     load_inception,
-    lpips_distance,
+    lpips_per_image,
     psnr,
     quantize,
     ssim,
@@ -109,7 +109,7 @@ def evaluate(
         scores["ssim"].append(s)
         lp = None
         if lpips_model is not None:
-            lp = lpips_distance(lpips_model, x01 * 2 - 1, r01 * 2 - 1).cpu().numpy()
+            lp = lpips_per_image(lpips_model, x01 * 2 - 1, r01 * 2 - 1).cpu().numpy()
             scores["lpips"].append(lp)
         if inception is not None:
             real.update(inception_features(inception, x01))

@@ -43,6 +43,8 @@ def _export_meta(
         "format": 1,
         "ddconfig": weights.ddconfig,
         "embed_dim": weights.embed_dim,
+        "use_quant_conv": weights.use_quant_conv,
+        "use_post_quant_conv": weights.use_post_quant_conv,
         "scaling_factor": scaling_factor,
         "shift_factor": shift_factor,
         "source_format": weights.source_format,
@@ -96,7 +98,14 @@ def export_diffusers(
     """
     from safetensors.torch import save_file
 
-    config = diffusers_config_from_ddconfig(weights.ddconfig, weights.embed_dim, scaling_factor, shift_factor)
+    config = diffusers_config_from_ddconfig(
+        weights.ddconfig,
+        weights.embed_dim,
+        scaling_factor,
+        shift_factor,
+        use_quant_conv=weights.use_quant_conv,
+        use_post_quant_conv=weights.use_post_quant_conv,
+    )
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = _contiguous(ldm_to_diffusers(weights.state_dict))
@@ -116,11 +125,12 @@ def resolve_latent_factors(
     scaling_factor: float | None,
     shift_factor: float | None,
     latent_stats: str | Path | None,
-    with_shift: bool,
+    with_shift: bool = True,
 ) -> tuple[float | None, float | None]:
     """Pick (scaling_factor, shift_factor): explicit values, then a ``klvae-latent-stats`` JSON, then the
-    source's own record (diffusers config / earlier export). The shift is only taken from the stats file
-    when ``with_shift`` is set."""
+    source's own record (diffusers config / earlier export). A stats file gives both (diffusers/FLUX
+    normalise as ``(z - shift) * scale``); ``with_shift=False`` writes no shift unless one is given
+    explicitly, for pipelines that ignore ``shift_factor`` (SD 1.x/2.x, SDXL)."""
     if latent_stats is not None:
         stats = json.loads(Path(latent_stats).read_text())
         if scaling_factor is None:
@@ -129,7 +139,7 @@ def resolve_latent_factors(
             shift_factor = float(stats["shift_factor"])
     if scaling_factor is None:
         scaling_factor = weights.scaling_factor
-    if shift_factor is None:
+    if shift_factor is None and with_shift:
         shift_factor = weights.shift_factor
     return scaling_factor, shift_factor
 
@@ -148,7 +158,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--latent-stats", default=None, help="JSON from klvae-latent-stats (scaling/shift factors)"
     )
-    p.add_argument("--with-shift", action="store_true", help="also write the stats file's shift_factor")
+    p.add_argument(
+        "--no-shift",
+        dest="with_shift",
+        action="store_false",
+        help="write no shift_factor unless --shift-factor is given (SD/SDXL pipelines ignore it)",
+    )
     ema = p.add_mutually_exclusive_group()
     ema.add_argument(
         "--ema", dest="use_ema", action="store_const", const=True, default=None, help="require EMA weights"

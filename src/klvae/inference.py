@@ -107,7 +107,7 @@ class InferenceVAE(nn.Module):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.scaling_factor, self.shift_factor = scaling_factor, shift_factor
-        self.downsampling = 2 ** (len(model.ddconfig["ch_mult"]) - 1)  # f (8 for kl-f8)
+        self.downsampling = model.network.downsampling  # f (8 for kl-f8)
 
     @classmethod
     def from_pretrained(
@@ -147,7 +147,7 @@ class InferenceVAE(nn.Module):
         return self.scaling_factor
 
     def _moments(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.quant_conv(self.model.encoder(x.to(self._param)))  # (b, 2·embed_dim, h/f, w/f)
+        return self.model.encode(x.to(self._param)).parameters  # (b, 2·embed_dim, h/f, w/f)
 
     @torch.inference_mode()
     def encode(

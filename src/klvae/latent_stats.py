@@ -1,7 +1,9 @@
 """``klvae-latent-stats``: the latent scale factor (1/std) and shift (mean) a diffusion model needs.
 
-A diffusion model trained on this VAE's latents expects them near unit variance: SD uses
-``z · 0.18215`` for its VAE; a new VAE needs its own factor (pitfall 9). As LDM's ``scale_by_std`` does,
+A diffusion model trained on this VAE's latents expects them near zero mean and unit variance: SD uses
+``z · 0.18215`` for its VAE (SDXL 0.13025); SD3 and FLUX.1 also shift, ``(z - shift_factor) · scaling_factor``
+(SD3 1.5305 / 0.0609, FLUX.1 0.3611 / 0.1159, in diffusers' configs). Here ``shift_factor`` is the mean and
+``scaling_factor`` 1/std of the shifted latents; a new VAE needs its own. As LDM's ``scale_by_std`` does,
 the default statistic is over posterior *samples* (what ``encode_first_stage`` returns during diffusion
 training), all channels and positions pooled.
 

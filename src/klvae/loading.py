@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,10 @@ from klvae.convert import (
     ddconfig_from_state_dict,
     detect_layout,
     diffusers_to_ldm,
+    embed_dim_from_state_dict,
+    quant_convs_in_state_dict,
 )
+from klvae.modules.config import NetworkConfig
 from klvae.modules.vae import KLAutoencoder
 from klvae.state_dict import NETWORK_PREFIXES
 
@@ -52,6 +55,8 @@ class VAEWeights:
         scaling_factor: latent scale factor when the source records one (diffusers config, export), else None.
         shift_factor: latent shift when recorded, else None.
         used_ema: whether EMA weights were taken from a run checkpoint.
+        use_quant_conv: the file has ``quant_conv.*`` (False for SD3/FLUX.1 VAEs).
+        use_post_quant_conv: the file has ``post_quant_conv.*``.
     """
 
     state_dict: dict[str, torch.Tensor]
@@ -61,7 +66,15 @@ class VAEWeights:
     scaling_factor: float | None = None
     shift_factor: float | None = None
     used_ema: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+
+    @property
+    def network(self) -> NetworkConfig:
+        """The typed, validated network these weights belong to."""
+        return NetworkConfig.from_params(
+            self.ddconfig, self.embed_dim, self.use_quant_conv, self.use_post_quant_conv
+        )
 
 
 def _torch_load(path: Path) -> Any:
@@ -180,9 +193,31 @@ def read_vae_weights(
         final_ddconfig, inferred_embed = ddconfig_from_state_dict(state)
         meta_embed = meta_embed or inferred_embed
     if embed_dim is None:
-        embed_dim = meta_embed if meta_embed is not None else int(state["post_quant_conv.weight"].shape[1])
+        embed_dim = meta_embed if meta_embed is not None else embed_dim_from_state_dict(state)
+    # The tensors decide which quant convs exist, whatever the format (a diffusers config says the same).
+    use_quant_conv, use_post_quant_conv = quant_convs_in_state_dict(state)
+    if diffusers_config is not None:
+        for name, present in [
+            ("use_quant_conv", use_quant_conv),
+            ("use_post_quant_conv", use_post_quant_conv),
+        ]:
+            if bool(diffusers_config.get(name, True)) != present:
+                raise ValueError(
+                    f"{path.parent}/config.json says {name}={diffusers_config.get(name, True)} but the weights "
+                    f"{'have' if present else 'lack'} its tensors; fix config.json"
+                )
     log.info("read %s weights from %s%s", layout, path, " (EMA)" if used_ema else "")
-    return VAEWeights(state, final_ddconfig, int(embed_dim), layout, scaling, shift, used_ema)
+    return VAEWeights(
+        state,
+        final_ddconfig,
+        int(embed_dim),
+        layout,
+        scaling,
+        shift,
+        used_ema,
+        use_quant_conv,
+        use_post_quant_conv,
+    )
 
 
 def build_vae(weights: VAEWeights) -> KLAutoencoder:
@@ -191,7 +226,9 @@ def build_vae(weights: VAEWeights) -> KLAutoencoder:
     Raises:
         ValueError: missing/unexpected keys or shape mismatches, each named.
     """
-    model = KLAutoencoder(weights.ddconfig, weights.embed_dim)
+    model = KLAutoencoder(
+        weights.ddconfig, weights.embed_dim, weights.use_quant_conv, weights.use_post_quant_conv
+    )
     own = model.state_dict()
     missing = sorted(set(own) - set(weights.state_dict))
     unexpected = sorted(set(weights.state_dict) - set(own))

@@ -20,7 +20,7 @@ __all__ = [
     "frechet_distance",
     "inception_features",
     "load_inception",
-    "lpips_distance",
+    "lpips_per_image",
     "psnr",
     "quantize",
     "reconstruction_scores",
@@ -102,7 +102,7 @@ def ssim(
 
 
 @torch.inference_mode()
-def lpips_distance(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def lpips_per_image(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """VGG-LPIPS per image for images in [-1, 1] (B, 3, H, W), with ``model`` from
     :func:`klvae.modules.perceptual.load_lpips`. Returns (B,) float64."""
     return model(x.float(), y.float()).flatten().double()
@@ -130,7 +130,7 @@ def reconstruction_scores(
         r01 = quantize(r01)
     scores = {"psnr": psnr(x01, r01), "ssim": ssim(x01, r01)}
     if lpips_model is not None:
-        scores["lpips"] = lpips_distance(lpips_model, x01 * 2 - 1, r01 * 2 - 1)
+        scores["lpips"] = lpips_per_image(lpips_model, x01 * 2 - 1, r01 * 2 - 1)
     return scores
 
 

@@ -39,7 +39,7 @@ def _source_checkpoint(job: Any) -> Path:
 def export_at_end(job: Any, fmt: str) -> Path | None:
     """Export the best checkpoint (else ``last.ckpt``) to ``<run>/export/`` in ``fmt``; rank 0 only.
 
-    ``diffusers`` needs the latent ``scaling_factor``: it is measured here on up to
+    ``diffusers`` needs the latent ``scaling_factor`` (and gets ``shift_factor`` too): both are measured on up to
     ``LATENT_STATS_IMAGES`` validation images (posterior samples, as ``klvae-latent-stats``).
     """
     if not job.trainer.is_global_zero:
@@ -57,17 +57,18 @@ def export_at_end(job: Any, fmt: str) -> Path | None:
     out_dir = job.run.root / "export"
     if fmt == "ldm":
         return export_ldm(weights, out_dir / "vae.safetensors")
-    scale = _scaling_factor(job, source)
-    if scale is None:
+    factors = _latent_factors(job, source)
+    if factors is None:
         log.warning(
             "--export diffusers: no validation data to measure the latent scaling_factor; export later with "
             "klvae-latent-stats + klvae-export --latent-stats"
         )
         return None
-    return export_diffusers(weights, out_dir / "diffusers", scale, None)
+    return export_diffusers(weights, out_dir / "diffusers", *factors)
 
 
-def _scaling_factor(job: Any, source: Path) -> float | None:
+def _latent_factors(job: Any, source: Path) -> tuple[float, float] | None:
+    """(scaling_factor, shift_factor) of the validation latents, as ``klvae-latent-stats`` measures them."""
     from klvae.inference import InferenceVAE
     from klvae.latent_stats import compute_latent_stats
 
@@ -88,9 +89,10 @@ def _scaling_factor(job: Any, source: Path) -> float | None:
 
     stats = compute_latent_stats(vae, images())
     log.info(
-        "latent scaling_factor %.5f from %d validation images", stats["scaling_factor"], stats["num_images"]
-    )
-    return float(stats["scaling_factor"])
+        "latent scaling_factor %.5f, shift_factor %.5f from %d validation images",
+        stats["scaling_factor"], stats["shift_factor"], stats["num_images"],
+    )  # fmt: skip
+    return float(stats["scaling_factor"]), float(stats["shift_factor"])
 
 
 def training_summary(job: Any, exported: Path | None) -> list[str]:

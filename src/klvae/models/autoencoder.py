@@ -20,6 +20,7 @@ from klvae.ema import ModuleEMA
 from klvae.loading import VAEWeights, read_vae_weights
 from klvae.lr_schedule import LRSchedule
 from klvae.metrics import reconstruction_scores
+from klvae.modules.config import NetworkConfig
 from klvae.modules.equivariance import Branch, EquivarianceSchedule
 from klvae.modules.losses import LastLayer
 from klvae.modules.vae import KLCodec, build_codec_modules
@@ -61,18 +62,39 @@ class _SavedInput:
         return _SavedInput()
 
 
+def _check_quant_convs(
+    path: str, weights: VAEWeights, use_quant_conv: bool | None, use_post_quant_conv: bool | None
+) -> None:
+    """A configured quant conv that the warm-start file lacks (or the reverse) is one clear error."""
+    given = {"use_quant_conv": use_quant_conv, "use_post_quant_conv": use_post_quant_conv}
+    convs = [
+        f"{name}: file {getattr(weights, name)} vs config {value}"
+        for name, value in given.items()
+        if value is not None and value != getattr(weights, name)
+    ]
+    if convs:
+        raise ValueError(
+            f"{path} and the config disagree on the quant convs ({'; '.join(convs)}; file embed_dim "
+            f"{weights.embed_dim}). Use a recipe for this VAE family, or set model.params.use_quant_conv / "
+            "use_post_quant_conv to null to take the file's."
+        )
+
+
 class AutoencoderKL(KLCodec, pl.LightningModule):
     """KL-regularised autoencoder (LDM's ``first_stage_model``) with its GAN training recipe.
 
     State-dict keys match LDM's (``encoder.*``, ``decoder.*``, ``quant_conv.*``, ``post_quant_conv.*``,
-    ``loss.*``), plus ``ema.*`` when EMA is on.
+    ``loss.*``), plus ``ema.*`` when EMA is on; without quant convs their keys are absent (SD3/FLUX.1).
 
     Args:
         ddconfig: network config in LDM's vocabulary (see :class:`klvae.modules.model.Encoder`); None
             reads it from ``ckpt_path`` (fine-tunes: the network is whatever the checkpoint holds).
         lossconfig: ``{target, params}`` of the loss, normally
             :class:`klvae.modules.losses.LPIPSWithDiscriminator`.
-        embed_dim: posterior channels (4).
+        embed_dim: posterior channels (4; 16 for SD3/FLUX.1).
+        use_quant_conv: 1×1 conv from the encoder's moments to the posterior; False as in SD3/FLUX.1 (the
+            moments are the posterior, ``embed_dim == z_channels``). None: the ``ckpt_path`` file's, else True.
+        use_post_quant_conv: 1×1 conv from latents into the decoder; None as for ``use_quant_conv``.
         learning_rate: discriminator lr; the CLI overwrites it with the ``--scale_lr`` result.
         lr_g_factor: autoencoder lr = ``lr_g_factor · learning_rate``.
         adam_betas: Adam betas of both optimizers.
@@ -85,7 +107,7 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
             step; counted as ``train/skipped_nonfinite``); this many skipped updates in a row stop the run
             with :class:`NonFiniteTrainingError`.
         ema_decay: keep an EMA of the autoencoder weights, used for validation, images and export.
-        train_decoder_only: freeze encoder and quant_conv (the sd-vae-ft recipe).
+        train_decoder_only: freeze encoder and quant_conv when present (the sd-vae-ft recipe).
         ckpt_path: warm start from an LDM/SD/klvae checkpoint, a klvae export or diffusers weights
             (``first_stage_model.`` prefix handled). A given ``ddconfig`` is checked against it.
         ckpt_use_ema: for a klvae run checkpoint with EMA weights: None (default) starts from its EMA
@@ -128,6 +150,8 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
         lr_schedule: Mapping[str, Any] | None = None,
         max_nonfinite_in_a_row: int = 20,
         equivariance: Mapping[str, Any] | None = None,
+        use_quant_conv: bool | None = None,
+        use_post_quant_conv: bool | None = None,
     ) -> None:
         super().__init__()
         if update_schedule not in _SCHEDULES:
@@ -161,6 +185,14 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
             ddconfig = warm_start.ddconfig
             log.info("network read from %s: ddconfig=%s", ckpt_path, ddconfig)
         ddconfig = to_container(ddconfig)
+        # None: the warm-start file's convs (present or absent), else kl-f8's (present).
+        if warm_start is not None:
+            _check_quant_convs(str(ckpt_path), warm_start, use_quant_conv, use_post_quant_conv)
+        if use_quant_conv is None:
+            use_quant_conv = warm_start.use_quant_conv if warm_start is not None else True
+        if use_post_quant_conv is None:
+            use_post_quant_conv = warm_start.use_post_quant_conv if warm_start is not None else True
+        self.network = NetworkConfig.from_params(ddconfig, embed_dim, use_quant_conv, use_post_quant_conv)
         opts = None if optimizations is None else to_container(optimizations)
         self.optimizations = parse_optimizations(opts)
         # Plain containers only: a DictConfig in hparams would break torch.load(weights_only=True).
@@ -169,6 +201,8 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
                 "ddconfig": ddconfig,
                 "lossconfig": lossconfig,
                 "embed_dim": embed_dim,
+                "use_quant_conv": use_quant_conv,
+                "use_post_quant_conv": use_post_quant_conv,
                 "learning_rate": learning_rate,
                 "lr_g_factor": lr_g_factor,
                 "adam_betas": list(adam_betas),
@@ -199,9 +233,9 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
         self.equivariance = (
             None if equivariance is None else EquivarianceSchedule.from_config(to_container(equivariance))
         )
-        self._downsample_factor = 2 ** (len(ddconfig["ch_mult"]) - 1)  # image side / latent side
+        self._downsample_factor = self.network.downsampling  # image side / latent side
 
-        for name, module in build_codec_modules(ddconfig, embed_dim).items():
+        for name, module in build_codec_modules(self.network).items():
             self.add_module(name, module)
         self.loss = instantiate_from_config(lossconfig)
         if self.optimizations.gradient_checkpointing:
@@ -214,7 +248,7 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
             self.init_from_ckpt(str(ckpt_path), ignore_keys, warm_start)
         if train_decoder_only:
             self.encoder.requires_grad_(False)
-            self.quant_conv.requires_grad_(False)
+            self.quant_conv.requires_grad_(False)  # no-op without quant convs (Identity has no parameters)
 
         # Training progress in iterations; saved in checkpoint["klvae"] (plain ints, weights_only-safe).
         self._iteration = 0

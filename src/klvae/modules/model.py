@@ -298,7 +298,6 @@ class Decoder(nn.Module):
 
         block_in = ch * ch_mult[-1]
         curr_res = resolution // 2 ** (self.num_resolutions - 1)
-        self.z_shape = (1, z_channels, curr_res, curr_res)
         self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
         self.mid = _Mid(block_in, dropout, norm_num_groups)
 

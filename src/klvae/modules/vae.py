@@ -1,6 +1,6 @@
 """The autoencoder itself (encoder, quant convs, decoder) as a plain ``nn.Module``, no training parts.
 
-Its 248 state-dict keys are LDM's ``first_stage_model`` layout, so SD/LDM weights load with
+Its 248 state-dict keys (244 without the quant convs) are LDM's ``first_stage_model`` layout, so SD/LDM weights load with
 ``strict=True``. :class:`KLCodec` holds encode/decode so that the Lightning module
 (:class:`klvae.models.autoencoder.AutoencoderKL`) and this inference model share one implementation.
 """
@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from klvae.modules.config import NetworkConfig
 from klvae.modules.distributions import DiagonalGaussianDistribution
 from klvae.modules.model import Decoder, Encoder
-from klvae.util import instantiate_from_config
 
 __all__ = ["KL_F8_DDCONFIG", "KLAutoencoder", "KLCodec", "build_codec_modules"]
 
@@ -34,22 +34,20 @@ KL_F8_DDCONFIG: dict[str, Any] = {
 }
 
 
-def build_codec_modules(ddconfig: Mapping[str, Any], embed_dim: int) -> dict[str, nn.Module]:
-    """Encoder, Decoder, quant_conv and post_quant_conv for an LDM ``ddconfig`` and ``embed_dim``."""
-    if not ddconfig.get("double_z", True):
-        raise ValueError(
-            "ddconfig.double_z must be true for a KL autoencoder (the encoder emits mean and logvar)"
-        )
-    if not isinstance(embed_dim, int) or embed_dim <= 0:
-        raise ValueError(f"embed_dim must be a positive integer, got {embed_dim!r}")
-    z_channels = ddconfig["z_channels"]
+def build_codec_modules(network: NetworkConfig) -> dict[str, nn.Module]:
+    """Encoder, Decoder, quant_conv and post_quant_conv for a :class:`NetworkConfig`.
+
+    The one place the quant convs are decided: an absent one is ``nn.Identity`` (no parameters, so the
+    state dict simply lacks ``quant_conv.*`` / ``post_quant_conv.*``, as in SD3's and FLUX.1's VAEs), and
+    encode/decode need no branch.
+    """
+    z, e = network.z_channels, network.embed_dim
     return {
-        # Through instantiate_from_config so a misspelled ddconfig key is a ConfigError naming it.
-        "encoder": instantiate_from_config({"target": "klvae.modules.model.Encoder", "params": ddconfig}),
-        "decoder": instantiate_from_config({"target": "klvae.modules.model.Decoder", "params": ddconfig}),
+        "encoder": Encoder(**network.encoder_kwargs()),
+        "decoder": Decoder(**network.decoder_kwargs()),
         # 1×1 convs between the network's z_channels and the posterior's embed_dim (both 4 for kl-f8).
-        "quant_conv": nn.Conv2d(2 * z_channels, 2 * embed_dim, 1),
-        "post_quant_conv": nn.Conv2d(embed_dim, z_channels, 1),
+        "quant_conv": nn.Conv2d(2 * z, 2 * e, 1) if network.use_quant_conv else nn.Identity(),
+        "post_quant_conv": nn.Conv2d(e, z, 1) if network.use_post_quant_conv else nn.Identity(),
     }
 
 
@@ -58,8 +56,8 @@ class KLCodec:
 
     encoder: Encoder
     decoder: Decoder
-    quant_conv: nn.Conv2d
-    post_quant_conv: nn.Conv2d
+    quant_conv: nn.Module  # Conv2d, or Identity without quant convs
+    post_quant_conv: nn.Module
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
         """Image (B, 3, H, W) in [-1, 1] → posterior over latents (B, embed_dim, H/8, W/8)."""
@@ -85,10 +83,19 @@ class KLAutoencoder(KLCodec, nn.Module):
     Args:
         ddconfig: LDM network config (``ch``, ``ch_mult``, ``z_channels`` ...), see :class:`Encoder`.
         embed_dim: latent channels of the posterior (4 for kl-f8).
+        use_quant_conv: whether a 1×1 conv maps the encoder's moments to the posterior (False in SD3/FLUX.1).
+        use_post_quant_conv: whether a 1×1 conv maps latents into the decoder (False in SD3/FLUX.1).
     """
 
-    def __init__(self, ddconfig: Mapping[str, Any], embed_dim: int) -> None:
+    def __init__(
+        self,
+        ddconfig: Mapping[str, Any],
+        embed_dim: int,
+        use_quant_conv: bool = True,
+        use_post_quant_conv: bool = True,
+    ) -> None:
         nn.Module.__init__(self)
-        for name, module in build_codec_modules(ddconfig, embed_dim).items():
+        self.network = NetworkConfig.from_params(ddconfig, embed_dim, use_quant_conv, use_post_quant_conv)
+        for name, module in build_codec_modules(self.network).items():
             self.add_module(name, module)
         self.ddconfig, self.embed_dim = dict(ddconfig), embed_dim

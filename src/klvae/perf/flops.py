@@ -48,7 +48,12 @@ def _mid(c: int, h: int, w: int) -> int:
 
 
 def analytic_codec_flops(
-    ddconfig: Mapping[str, Any], embed_dim: int, height: int, width: int
+    ddconfig: Mapping[str, Any],
+    embed_dim: int,
+    height: int,
+    width: int,
+    use_quant_conv: bool = True,
+    use_post_quant_conv: bool = True,
 ) -> dict[str, int]:
     """Forward FLOPs per image of encoder (+quant_conv) and (post_quant_conv +) decoder, from ``ddconfig``.
 
@@ -56,6 +61,7 @@ def analytic_codec_flops(
         ddconfig: LDM network config (``ch``, ``ch_mult``, ``num_res_blocks``, ``attn_resolutions`` ...).
         embed_dim: posterior channels.
         height, width: image size (multiples of the downsampling factor).
+        use_quant_conv, use_post_quant_conv: whether the 1×1 convs exist (False in SD3/FLUX.1).
 
     Returns:
         ``{"encoder": ..., "decoder": ...}`` in FLOPs (2 per multiply-add; norms and activations ignored).
@@ -74,9 +80,11 @@ def analytic_codec_flops(
         if i != levels - 1:
             h, w, cur = h // 2, w // 2, cur // 2
             enc += _conv(c_in, c_in, 3, h, w)  # stride-2 conv, output size
-    enc += _mid(c_in, h, w) + _conv(c_in, 2 * z, 3, h, w) + _conv(2 * z, 2 * embed_dim, 1, h, w)
+    enc += _mid(c_in, h, w) + _conv(c_in, 2 * z, 3, h, w)
+    enc += _conv(2 * z, 2 * embed_dim, 1, h, w) if use_quant_conv else 0
 
-    dec = _conv(embed_dim, z, 1, h, w) + _conv(z, ch * mult[-1], 3, h, w)
+    dec = _conv(embed_dim, z, 1, h, w) if use_post_quant_conv else 0
+    dec += _conv(z, ch * mult[-1], 3, h, w)
     c_in = ch * mult[-1]
     dec += _mid(c_in, h, w)
     for i in reversed(range(levels)):

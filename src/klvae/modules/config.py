@@ -1,0 +1,139 @@
+"""The network's shape as one typed, validated config: LDM's ``ddconfig`` keys plus the latent interface.
+
+YAML keeps LDM's vocabulary (``model.params.ddconfig`` with ``ch``, ``ch_mult`` ...; ``embed_dim`` beside it),
+so published configs and checkpoints load unchanged. Two optional keys describe the SD3/FLUX.1 family
+(Esser et al. 2024, "Scaling Rectified Flow Transformers"; black-forest-labs/flux): the same Encoder/Decoder
+with ``z_channels: 16`` and no 1×1 ``quant_conv`` / ``post_quant_conv`` (diffusers' ``use_quant_conv`` /
+``use_post_quant_conv`` false). Without ``quant_conv`` the encoder's moments are the posterior; without
+``post_quant_conv`` the latent goes straight into the decoder, so ``embed_dim`` must equal ``z_channels``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from klvae.modules.model import validate_ddconfig
+from klvae.util import ConfigError
+
+__all__ = ["DECODER_ONLY_KEYS", "NetworkConfig"]
+
+# Keys of ddconfig that only the Decoder takes (LDM's knobs; both False in every published model).
+DECODER_ONLY_KEYS = ("give_pre_end", "tanh_out")
+_INTERFACE_KEYS = ("embed_dim", "use_quant_conv", "use_post_quant_conv")
+# The keys of LDM's published kl-f8 ddconfig (CompVis/latent-diffusion, autoencoder_kl_32x32x4.yaml).
+_LDM_KEYS = (
+    "double_z", "z_channels", "resolution", "in_channels", "out_ch", "ch", "ch_mult", "num_res_blocks",
+    "attn_resolutions", "dropout",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """Encoder/Decoder shape (LDM ``ddconfig``) plus posterior channels and which quant convs exist.
+
+    Defaults are the published kl-f8 network (LDM / Stable Diffusion / SDXL first stage).
+    """
+
+    double_z: bool = True
+    z_channels: int = 4
+    resolution: int = 256
+    in_channels: int = 3
+    out_ch: int = 3
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = ()
+    dropout: float = 0.0
+    resamp_with_conv: bool = True
+    norm_num_groups: int = 32
+    give_pre_end: bool = False
+    tanh_out: bool = False
+    gradient_checkpointing: bool = False
+    # The latent interface (beside ddconfig in YAML): posterior channels and the 1×1 convs around it.
+    embed_dim: int = 4
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    # Which ddconfig keys were given (ddconfig() writes LDM's keys plus these, never defaults nobody set).
+    given_keys: tuple[str, ...] = field(default=(), compare=False, repr=False)
+
+    @classmethod
+    def from_params(
+        cls,
+        ddconfig: Mapping[str, Any],
+        embed_dim: int,
+        use_quant_conv: bool = True,
+        use_post_quant_conv: bool = True,
+    ) -> NetworkConfig:
+        """Build from the YAML keys (``ddconfig`` mapping, ``embed_dim``, the two optional flags).
+
+        Raises:
+            ConfigError: a ``ddconfig`` key that is not a network field (a typo), named.
+            ValueError: an invalid value, named (see :meth:`validate`).
+        """
+        names = {f.name for f in dataclasses.fields(cls)} - {*_INTERFACE_KEYS, "given_keys"}
+        unknown = sorted(set(ddconfig) - names)
+        if unknown:
+            raise ConfigError(f"ddconfig has unknown keys {unknown}; the network takes {sorted(names)}")
+        values = {k: tuple(v) if k in ("ch_mult", "attn_resolutions") else v for k, v in ddconfig.items()}
+        return cls(
+            **values,
+            embed_dim=embed_dim,
+            use_quant_conv=use_quant_conv,
+            use_post_quant_conv=use_post_quant_conv,
+            given_keys=tuple(ddconfig),
+        )
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """The one place the network's values are checked; raises ``ValueError`` naming the bad value."""
+        if not self.double_z:
+            raise ValueError(
+                "ddconfig.double_z must be true for a KL autoencoder (the encoder emits mean and logvar)"
+            )
+        validate_ddconfig(
+            ch=self.ch, out_ch=self.out_ch, ch_mult=self.ch_mult, num_res_blocks=self.num_res_blocks,
+            attn_resolutions=self.attn_resolutions, dropout=self.dropout, in_channels=self.in_channels,
+            resolution=self.resolution, z_channels=self.z_channels, norm_num_groups=self.norm_num_groups,
+        )  # fmt: skip
+        if not isinstance(self.embed_dim, int) or isinstance(self.embed_dim, bool) or self.embed_dim <= 0:
+            raise ValueError(f"embed_dim must be a positive integer, got {self.embed_dim!r}")
+        for name in ("use_quant_conv", "use_post_quant_conv"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+            if not getattr(self, name) and self.embed_dim != self.z_channels:
+                raise ValueError(
+                    f"{name}: false needs embed_dim == ddconfig.z_channels (got {self.embed_dim} and "
+                    f"{self.z_channels}): without the 1x1 conv the latent is the encoder/decoder's own "
+                    "z_channels. Set embed_dim to z_channels or keep the conv."
+                )
+
+    @property
+    def downsampling(self) -> int:
+        """Image side / latent side (8 for kl-f8)."""
+        return 2 ** (len(self.ch_mult) - 1)
+
+    def encoder_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :class:`klvae.modules.model.Encoder`."""
+        return {k: v for k, v in self._network_fields().items() if k not in DECODER_ONLY_KEYS}
+
+    def decoder_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :class:`klvae.modules.model.Decoder`."""
+        return self._network_fields()
+
+    def ddconfig(self) -> dict[str, Any]:
+        """The LDM ``ddconfig`` dict (plain types): LDM's ten published keys, plus any other key given."""
+        fields = self._network_fields()
+        keys = [*_LDM_KEYS, *(k for k in self.given_keys if k not in _LDM_KEYS)]
+        return {k: list(fields[k]) if isinstance(fields[k], tuple) else fields[k] for k in keys}
+
+    def _network_fields(self) -> dict[str, Any]:
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in (*_INTERFACE_KEYS, "given_keys")
+        }
