@@ -11,18 +11,7 @@ import torch
 
 from klvae.models.autoencoder import AutoencoderKL
 from klvae.modules.equivariance import Branch, EquivarianceSchedule
-
-
-class RandomImages(torch.utils.data.Dataset):
-    def __init__(self, n: int, size: int) -> None:
-        self.n, self.size = n, size
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        g = torch.Generator().manual_seed(i)
-        return {"image": torch.rand(3, self.size, self.size, generator=g) * 2 - 1}
+from tests.models.test_autoencoder import RandomImages
 
 
 def fit(model: AutoencoderKL, batches: int, size: int = 32, callbacks=()) -> None:
