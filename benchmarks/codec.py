@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     images = torch.rand(args.batch, 3, args.resolution, args.resolution, device=device) * 2 - 1
     latents = torch.randn(args.batch, 4, args.resolution // 8, args.resolution // 8, device=device)
 
-    eager = KLAutoencoder(ddconfig, 4).to(device).eval()
+    eager = KLAutoencoder.from_ddconfig(ddconfig, 4).to(device).eval()
     fns = klvae_codec_fns(eager, images, latents, args.precision)
     flops = {op: count_flops(fn) for op, fn in fns.items()}  # counted once, eagerly
     if args.big_resolution:
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     for spec in variants:
         opts = parse_variant(spec)
         torch._dynamo.reset()
-        vae = KLAutoencoder(ddconfig, 4).to(device).eval()
+        vae = KLAutoencoder.from_ddconfig(ddconfig, 4).to(device).eval()
         applied = apply_runtime_optimizations(
             vae, opts, device, {"encoder": vae.encoder, "decoder": vae.decoder}
         )

@@ -58,13 +58,13 @@ def box_bilinear_baseline(x: torch.Tensor, factor: int = 8) -> torch.Tensor:
 def evaluate(run: Path, size: int) -> dict[str, dict[str, float]]:
     """Score the EMA VAE and the baseline on the held-out photos (whole, ``size``²); write the grid.
 
-    Scores are klvae-eval's (:func:`klvae.metrics.reconstruction_scores`: 8-bit outputs, PSNR/SSIM in [0, 1]).
+    Scores are klvae-eval's (:func:`klvae.evaluation.metrics.reconstruction_scores`: 8-bit outputs, PSNR/SSIM in [0, 1]).
     """
     from omegaconf import OmegaConf
     from PIL import Image
 
     from klvae.callbacks import load_checkpoint, make_grid
-    from klvae.metrics import reconstruction_scores
+    from klvae.evaluation.metrics import reconstruction_scores
     from klvae.util import instantiate_from_config
 
     config = OmegaConf.load(sorted((run / "configs").glob("*-project.yaml"))[-1])

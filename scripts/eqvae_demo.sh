@@ -22,6 +22,6 @@ common=(-b "$repo/configs/demo.yaml" -t --no-test --logger csv -l "$work/eqvae_l
 "$py" "$repo/main.py" "${common[@]}" -n eqvae model.params.equivariance.p=0.5 model.params.equivariance.p_small=0.25
 for name in base plain eqvae; do
   if [ "$name" = base ]; then ckpt=$base; else ckpt=$(ls -d "$work"/eqvae_logs/*_"$name" | tail -1)/checkpoints/last.ckpt; fi
-  "$py" -m klvae.evaluate "$ckpt" --data "$val" --resolution 128 --batch-size 6 --inception none \
+  "$py" -m klvae.evaluation.evaluate "$ckpt" --data "$val" --resolution 128 --batch-size 6 --inception none \
     --out "$work/eqvae_eval/$name" --latent-metrics
 done

@@ -42,8 +42,8 @@ def main() -> int:
 
     from klvae.data.folder import list_images
     from klvae.data.sample_images import skimage_photo_paths
+    from klvae.evaluation.metrics import psnr, quantize, to_unit
     from klvae.inference import InferenceVAE
-    from klvae.metrics import psnr, quantize, to_unit
 
     paths = [str(p) for p in list_images(args.images)] if args.images else []
     paths += [str(p) for p in skimage_photo_paths()] if args.skimage_photos else []

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from klvae.callbacks import atomic_torch_save, image_schedule_hit, load_checkpoint, make_grid
-from klvae.cli import main
-from klvae.loggers import wandb_mode
-from klvae.run_dir import config_diff
+from klvae.training.cli import main
+from klvae.training.loggers import wandb_mode
+from klvae.training.run_dir import config_diff
 from tests.cli_helpers import only_run_dir, tiny_args, write_photos
 
 

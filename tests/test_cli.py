@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from klvae.cli import main
-from klvae.trainer_setup import parse_gpus
+from klvae.training.cli import main
+from klvae.training.trainer import parse_gpus
 from tests.cli_helpers import MAIN, TINY, only_run_dir, subprocess_env, tiny_args, train_losses
 
 
@@ -174,7 +174,7 @@ def test_webdataset_run_skips_and_logs_corrupt_images(tmp_path):
 
 
 def test_configs_of_launches_in_the_same_second_are_kept_in_order(tmp_path):
-    from klvae.run_dir import RunDir, load_run_config, save_config
+    from klvae.training.run_dir import RunDir, load_run_config, save_config
 
     run = RunDir(tmp_path / "run")
     run.make()

@@ -38,7 +38,7 @@ def test_shipped_config_builds(path, tiny_ddconfig):
         target = get_obj_from_str(data["target"])
         _check_arguments(data["target"], target, data.get("params") or {})
     if "lightning" in cfg:
-        from klvae.trainer_setup import plan_trainer
+        from klvae.training.trainer import plan_trainer
 
         plan_trainer(to_container(cfg.lightning), gpus=None, num_nodes=None, precision=None, accumulate=1)
 

@@ -9,7 +9,7 @@ import torch
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from safetensors.torch import save_file
 
-from klvae.convert import (
+from klvae.interop.keys import (
     ddconfig_from_diffusers_config,
     ddconfig_from_state_dict,
     detect_layout,
@@ -45,7 +45,7 @@ def _diffusers_from(ddconfig: dict, state: dict) -> DiffusersAutoencoderKL:
 
 def test_full_kl_f8_keys_map_one_to_one_to_diffusers() -> None:
     with torch.device("meta"):
-        ours = KLAutoencoder(KL_F8_DDCONFIG, 4).state_dict()
+        ours = KLAutoencoder.from_ddconfig(KL_F8_DDCONFIG, 4).state_dict()
         config = diffusers_config_from_ddconfig({**KL_F8_DDCONFIG, "norm_num_groups": 32}, 4, 0.18215)
         config.pop("_class_name")
         theirs = DiffusersAutoencoderKL(**config).state_dict()
@@ -62,7 +62,7 @@ def test_full_kl_f8_keys_map_one_to_one_to_diffusers() -> None:
 
 
 def test_decoder_level_index_is_reversed() -> None:
-    state = _randomized(KLAutoencoder(TINY, 4)).state_dict()
+    state = _randomized(KLAutoencoder.from_ddconfig(TINY, 4)).state_dict()
     mapped = ldm_to_diffusers(state)
     # up.1 is the lowest resolution in LDM and runs first: diffusers' up_blocks.0.
     assert torch.equal(
@@ -76,7 +76,7 @@ def test_decoder_level_index_is_reversed() -> None:
 
 
 def test_diffusers_outputs_match_klvae() -> None:
-    ours = _randomized(KLAutoencoder(TINY, 4))
+    ours = _randomized(KLAutoencoder.from_ddconfig(TINY, 4))
     theirs = _diffusers_from(TINY, ours.state_dict())
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad():
@@ -86,13 +86,13 @@ def test_diffusers_outputs_match_klvae() -> None:
 
 
 def test_ldm_diffusers_ldm_round_trip_is_exact() -> None:
-    state = _randomized(KLAutoencoder(TINY, 4)).state_dict()
+    state = _randomized(KLAutoencoder.from_ddconfig(TINY, 4)).state_dict()
     back = diffusers_to_ldm(ldm_to_diffusers(state))
     assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
 
 
 def test_old_diffusers_attention_names_load() -> None:
-    state = ldm_to_diffusers(_randomized(KLAutoencoder(TINY, 4)).state_dict())
+    state = ldm_to_diffusers(_randomized(KLAutoencoder.from_ddconfig(TINY, 4)).state_dict())
     old = {k.replace("to_q.", "query.").replace("to_out.0.", "proj_attn."): v for k, v in state.items()}
     assert torch.equal(
         diffusers_to_ldm(old)["encoder.mid.attn_1.q.weight"][:, :, 0, 0],
@@ -102,11 +102,11 @@ def test_old_diffusers_attention_names_load() -> None:
 
 def test_ddconfig_inferred_from_shapes() -> None:
     with torch.device("meta"):
-        state = KLAutoencoder(KL_F8_DDCONFIG, 4).state_dict()
+        state = KLAutoencoder.from_ddconfig(KL_F8_DDCONFIG, 4).state_dict()
     ddconfig, embed_dim = ddconfig_from_state_dict(state)
     assert embed_dim == 4
     assert ddconfig == {**KL_F8_DDCONFIG, "norm_num_groups": 32}
-    tiny = KLAutoencoder(TINY, 4).state_dict()
+    tiny = KLAutoencoder.from_ddconfig(TINY, 4).state_dict()
     with pytest.raises(ValueError, match="norm_num_groups"):
         ddconfig_from_state_dict(tiny)
     assert ddconfig_from_state_dict(tiny, resolution=32, norm_num_groups=4)[0] == TINY
@@ -125,7 +125,7 @@ def test_diffusers_config_round_trip_and_rejections() -> None:
 
 
 def test_detect_layout() -> None:
-    state = KLAutoencoder(TINY, 4).state_dict()
+    state = KLAutoencoder.from_ddconfig(TINY, 4).state_dict()
     assert detect_layout(state) == "ldm"
     assert detect_layout({"first_stage_model." + k: v for k, v in state.items()}) == "sd"
     assert detect_layout({**state, "loss.logvar": torch.zeros(())}) == "klvae"
@@ -138,7 +138,7 @@ def test_detect_layout() -> None:
     "kind", ["lightning_sd", "bare", "safetensors_ldm", "safetensors_diffusers", "folder"]
 )
 def test_load_vae_from_every_layout(tmp_path, kind: str) -> None:
-    ours = _randomized(KLAutoencoder(TINY, 4))
+    ours = _randomized(KLAutoencoder.from_ddconfig(TINY, 4))
     state = ours.state_dict()
     if kind == "lightning_sd":  # a full SD-style checkpoint: first_stage_model. plus unrelated keys
         path = tmp_path / "sd.ckpt"
@@ -163,7 +163,7 @@ def test_load_vae_from_every_layout(tmp_path, kind: str) -> None:
 
 
 def test_strict_loading_names_missing_and_unexpected_keys(tmp_path) -> None:
-    state = KLAutoencoder(TINY, 4).state_dict()
+    state = KLAutoencoder.from_ddconfig(TINY, 4).state_dict()
     del state["decoder.conv_out.bias"]
     state["decoder.extra.weight"] = torch.zeros(1)
     path = tmp_path / "broken.pth"
@@ -173,14 +173,16 @@ def test_strict_loading_names_missing_and_unexpected_keys(tmp_path) -> None:
     ):
         load_vae(path, ddconfig=TINY)
     wrong = {**TINY, "ch": 16, "norm_num_groups": 4}
-    torch.save(KLAutoencoder(TINY, 4).state_dict(), path)
+    torch.save(KLAutoencoder.from_ddconfig(TINY, 4).state_dict(), path)
     with pytest.raises(ValueError, match="shape mismatches"):
         load_vae(path, ddconfig=wrong)
 
 
 def test_unsafe_pickle_is_refused(tmp_path) -> None:
     path = tmp_path / "evil.ckpt"
-    torch.save({"state_dict": KLAutoencoder(TINY, 4).state_dict(), "obj": torch.nn.ReLU()}, path)
+    torch.save(
+        {"state_dict": KLAutoencoder.from_ddconfig(TINY, 4).state_dict(), "obj": torch.nn.ReLU()}, path
+    )
     with pytest.raises(ValueError, match="weights_only"):
         load_vae(path, ddconfig=TINY)
     with pytest.raises(FileNotFoundError):

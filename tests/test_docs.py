@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from klvae.cli import build_parser
+from klvae.training.cli import build_parser
 from klvae.util import _check_arguments, get_obj_from_str, load_config, to_container
 from tests.cli_helpers import REPO
 

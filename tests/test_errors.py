@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from klvae.cli import main
+from klvae.training.cli import main
 from tests.cli_helpers import only_run_dir, tiny_args
 from tests.data.conftest import encode, random_image
 from tests.test_cli import shard_config
@@ -52,7 +52,7 @@ def test_bad_config_is_one_line_and_leaves_no_run_dir(photos, tmp_path, capsys, 
 
 
 def test_user_error_with_traceback_flag_raises(photos, tmp_path):
-    from klvae.util import ConfigError
+    from klvae.errors import ConfigError
 
     with pytest.raises(ConfigError, match="kl_weight"):
         main(
@@ -63,12 +63,12 @@ def test_user_error_with_traceback_flag_raises(photos, tmp_path):
 
 
 def test_a_bug_inside_klvae_keeps_its_traceback(photos, tmp_path, monkeypatch):
-    import klvae.training
+    import klvae.training.launch
 
     def buggy(*args, **kwargs):
         return {}["no such key"]  # a KeyError from code is a bug, not a config error
 
-    monkeypatch.setattr(klvae.training, "scale_learning_rate", buggy)
+    monkeypatch.setattr(klvae.training.launch, "scale_learning_rate", buggy)
     with pytest.raises(KeyError):
         main(tiny_args(photos, tmp_path / "logs"))
 
@@ -206,7 +206,9 @@ def test_resume_errors_are_one_line(photos, tmp_path, capsys):
     assert "does not fit the model the config builds" in one_error_line(capsys)
 
 
-@pytest.mark.parametrize("tool", ["klvae.export", "klvae.evaluate", "klvae.latent_stats"])
+@pytest.mark.parametrize(
+    "tool", ["klvae.interop.export", "klvae.evaluation.evaluate", "klvae.evaluation.latent_stats"]
+)
 def test_side_tools_on_bad_checkpoints_are_one_line(tool, tmp_path, capsys):
     import importlib
 
@@ -214,16 +216,16 @@ def test_side_tools_on_bad_checkpoints_are_one_line(tool, tmp_path, capsys):
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(b"not a checkpoint" * 10)
     (tmp_path / "imgs").mkdir()
-    extra = {"klvae.export": ["--format", "ldm", "--out", str(tmp_path / "o.safetensors")],
-             "klvae.evaluate": ["--data", str(tmp_path / "imgs"), "--out", str(tmp_path / "e")],
-             "klvae.latent_stats": ["--data", str(tmp_path / "imgs")]}[tool]  # fmt: skip
+    extra = {"klvae.interop.export": ["--format", "ldm", "--out", str(tmp_path / "o.safetensors")],
+             "klvae.evaluation.evaluate": ["--data", str(tmp_path / "imgs"), "--out", str(tmp_path / "e")],
+             "klvae.evaluation.latent_stats": ["--data", str(tmp_path / "imgs")]}[tool]  # fmt: skip
     prog = {
-        "klvae.export": "klvae-export",
-        "klvae.evaluate": "klvae-eval",
-        "klvae.latent_stats": "klvae-latent-stats",
+        "klvae.interop.export": "klvae-export",
+        "klvae.evaluation.evaluate": "klvae-eval",
+        "klvae.evaluation.latent_stats": "klvae-latent-stats",
     }
     for ckpt in (tmp_path / "missing.ckpt", garbage):
-        assert tool_main([str(ckpt), *extra, "--lpips", "none", "--inception", "none"] if tool == "klvae.evaluate"
+        assert tool_main([str(ckpt), *extra, "--lpips", "none", "--inception", "none"] if tool == "klvae.evaluation.evaluate"
                          else [str(ckpt), *extra]) == 2  # fmt: skip
         line = one_error_line(capsys, f"{prog[tool]}: error: ")
         assert str(ckpt) in line, line

@@ -11,12 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from klvae.eval_data import image_batches
-from klvae.evaluate import evaluate, main
-from klvae.export import export_ldm
+from klvae.evaluation.data import image_batches
+from klvae.evaluation.evaluate import evaluate, main
+from klvae.evaluation.metrics import psnr, quantize, ssim, to_unit
 from klvae.inference import InferenceVAE
-from klvae.loading import read_vae_weights
-from klvae.metrics import psnr, quantize, ssim, to_unit
+from klvae.interop.export import export_ldm
+from klvae.interop.formats import read_vae_weights
 from klvae.modules.vae import KLAutoencoder
 
 TINY_F2 = dict(
@@ -28,7 +28,7 @@ TINY_F2 = dict(
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
-    model = KLAutoencoder(TINY_F2, 4)
+    model = KLAutoencoder.from_ddconfig(TINY_F2, 4)
     torch.save(model.state_dict(), root / "vae.pth")
     ckpt = export_ldm(read_vae_weights(root / "vae.pth", ddconfig=TINY_F2), root / "vae.safetensors")
     (root / "imgs").mkdir()
@@ -138,7 +138,7 @@ def test_bad_files_are_skipped_counted_and_listed_never_substituted(setup, tmp_p
 
 
 def test_rfid_below_the_minimum_image_count_is_marked_unreliable(setup, monkeypatch) -> None:
-    from klvae.evaluate import MIN_RFID_IMAGES
+    from klvae.evaluation.evaluate import MIN_RFID_IMAGES
 
     root, model, _ = setup
 
@@ -150,7 +150,7 @@ def test_rfid_below_the_minimum_image_count_is_marked_unreliable(setup, monkeypa
         def forward(self, x):
             return torch.nn.functional.adaptive_avg_pool2d(x, 16).flatten(1) @ self.proj
 
-    import klvae.evaluate as ev
+    import klvae.evaluation.evaluate as ev
 
     monkeypatch.setattr(ev, "inception_features", lambda net, x: net(x))
     # The Frechet distance of two 2048-d Gaussians takes ~20 s on 2 cores; its value is not under test.

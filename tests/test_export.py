@@ -11,8 +11,8 @@ import pytorch_lightning as pl
 import torch
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 
-from klvae.export import main
-from klvae.loading import load_vae, read_vae_weights
+from klvae.interop.export import main
+from klvae.interop.formats import load_vae, read_vae_weights
 from klvae.models.autoencoder import AutoencoderKL
 
 from .conftest import TINY_LOSSCONFIG
@@ -106,7 +106,7 @@ def test_export_diffusers_without_scaling_factor_fails_clearly(run_checkpoint, t
 
 def test_python_m_export_help() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "klvae.export", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "klvae.interop.export", "--help"], capture_output=True, text=True, check=True
     )
     assert "--latent-stats" in result.stdout
 
@@ -114,7 +114,8 @@ def test_python_m_export_help() -> None:
 def test_finetune_config_builds_a_frozen_encoder_ema_model(tmp_path) -> None:
     from omegaconf import OmegaConf
 
-    from klvae.util import ConfigError, instantiate_from_config, to_container
+    from klvae.errors import ConfigError
+    from klvae.util import instantiate_from_config, to_container
 
     config = OmegaConf.load("configs/finetune_sd_vae_decoder.yaml")
     with pytest.raises(ConfigError, match="model.params.ckpt_path"):

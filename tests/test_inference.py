@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from klvae.export import export_diffusers
 from klvae.inference import InferenceVAE, tiled_apply
-from klvae.loading import read_vae_weights
+from klvae.interop.export import export_diffusers
+from klvae.interop.formats import read_vae_weights
 from klvae.modules.vae import KLAutoencoder
 
 TINY_F2 = dict(
@@ -22,7 +22,7 @@ TINY_F2 = dict(
 
 @pytest.fixture
 def vae() -> InferenceVAE:
-    return InferenceVAE(KLAutoencoder(TINY_F2, 4), scaling_factor=0.5, shift_factor=0.1)
+    return InferenceVAE(KLAutoencoder.from_ddconfig(TINY_F2, 4), scaling_factor=0.5, shift_factor=0.1)
 
 
 def test_blending_is_exact_for_a_local_function() -> None:
@@ -69,13 +69,13 @@ def test_scaled_latents_round_trip(vae: InferenceVAE) -> None:
     torch.testing.assert_close(zs, (z - 0.1) * 0.5)
     torch.testing.assert_close(vae.decode(zs, scale=True), vae.decode(z), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="scaling_factor"):
-        InferenceVAE(KLAutoencoder(TINY_F2, 4)).encode(x, scale=True)
+        InferenceVAE(KLAutoencoder.from_ddconfig(TINY_F2, 4)).encode(x, scale=True)
     with pytest.raises(ValueError, match="multiples"):
         vae.decode(z, tile_size=31)
 
 
 def test_from_pretrained_reads_scaling_factor_and_builds_no_training_parts(tmp_path) -> None:
-    model = KLAutoencoder(TINY_F2, 4)
+    model = KLAutoencoder.from_ddconfig(TINY_F2, 4)
     torch.save(model.state_dict(), tmp_path / "vae.pth")
     export_diffusers(
         read_vae_weights(tmp_path / "vae.pth", ddconfig=TINY_F2), tmp_path / "hf", scaling_factor=0.7

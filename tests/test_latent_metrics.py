@@ -11,9 +11,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from klvae.evaluate import main as eval_main
-from klvae.export import export_ldm
-from klvae.latent_metrics import (
+from klvae.evaluation.evaluate import main as eval_main
+from klvae.evaluation.latent_metrics import (
     PSNR_CAP_DB,
     _radius,
     compute_latent_metrics,
@@ -22,8 +21,9 @@ from klvae.latent_metrics import (
     save_spectrum_png,
     summary,
 )
-from klvae.latent_stats import LatentStats
-from klvae.loading import read_vae_weights
+from klvae.evaluation.latent_stats import LatentStats
+from klvae.interop.export import export_ldm
+from klvae.interop.formats import read_vae_weights
 from klvae.modules.vae import KLAutoencoder
 
 
@@ -110,7 +110,7 @@ def test_image_size_not_a_multiple_of_f_is_a_clear_error():
 def test_klvae_eval_latent_metrics_flag_writes_json_and_png(tmp_path, channels):
     ddconfig = dict(double_z=True, z_channels=channels, resolution=32, in_channels=3, out_ch=3, ch=8,
                     ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], dropout=0.0, norm_num_groups=4)  # fmt: skip
-    torch.save(KLAutoencoder(ddconfig, channels).state_dict(), tmp_path / "vae.pth")
+    torch.save(KLAutoencoder.from_ddconfig(ddconfig, channels).state_dict(), tmp_path / "vae.pth")
     ckpt = export_ldm(read_vae_weights(tmp_path / "vae.pth", ddconfig=ddconfig), tmp_path / "vae.safetensors")
     (tmp_path / "imgs").mkdir()
     rng = np.random.default_rng(0)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from klvae.evaluation.latent_stats import LatentStats, compute_latent_stats, main
 from klvae.inference import InferenceVAE
-from klvae.latent_stats import LatentStats, compute_latent_stats, main
 from klvae.modules.vae import KLAutoencoder
 
 TINY_F2 = dict(
@@ -45,7 +45,7 @@ def test_streaming_equals_one_shot_with_channel_offsets() -> None:
 
 
 def test_cli_on_an_image_folder(tmp_path) -> None:
-    model = KLAutoencoder(TINY_F2, 4)
+    model = KLAutoencoder.from_ddconfig(TINY_F2, 4)
     torch.save(model.state_dict(), tmp_path / "vae.pth")
     (tmp_path / "imgs").mkdir()
     rng = np.random.default_rng(0)
@@ -55,8 +55,8 @@ def test_cli_on_an_image_folder(tmp_path) -> None:
         Image.fromarray(arr).save(tmp_path / "imgs" / f"{i}.png")
     # --mode: statistics of posterior means, so the result is deterministic and checkable.
     ddconfig_file = tmp_path / "vae.safetensors"
-    from klvae.export import export_ldm
-    from klvae.loading import read_vae_weights
+    from klvae.interop.export import export_ldm
+    from klvae.interop.formats import read_vae_weights
 
     export_ldm(read_vae_weights(tmp_path / "vae.pth", ddconfig=TINY_F2), ddconfig_file)
     main(
@@ -75,7 +75,7 @@ def test_cli_on_an_image_folder(tmp_path) -> None:
     )
     result = json.loads((tmp_path / "s.json").read_text())
     assert result["num_images"] == 5 and result["statistic"] == "posterior means"
-    from klvae.eval_data import image_batches
+    from klvae.evaluation.data import image_batches
 
     batches = image_batches(str(tmp_path / "imgs"), 32, 5)
     total = batches.total

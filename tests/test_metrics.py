@@ -9,7 +9,7 @@ import pytest
 import torch
 from skimage.metrics import structural_similarity
 
-from klvae.metrics import (
+from klvae.evaluation.metrics import (
     FeatureStats,
     frechet_distance,
     inception_features,
@@ -22,7 +22,7 @@ from klvae.metrics import (
     to_unit,
 )
 from klvae.modules.perceptual import load_lpips
-from klvae.paths import inception_path, lpips_full_path
+from klvae.pretrained.paths import inception_path, lpips_full_path
 
 
 def test_psnr_identical_is_inf_and_known_noise_level() -> None:

@@ -104,7 +104,7 @@ def test_generator_loss_same_with_lpips_target_no_grad():
 # ---------------------------------------------------------------- FLOPs
 def test_counted_flops_match_analytic_and_spec_for_kl_f8():
     with torch.device("meta"):
-        vae = KLAutoencoder(KL_F8_DDCONFIG, 4)
+        vae = KLAutoencoder.from_ddconfig(KL_F8_DDCONFIG, 4)
         enc = count_module_flops(lambda x: vae.quant_conv(vae.encoder(x)), torch.empty(1, 3, 256, 256))
         dec = count_module_flops(vae.decode, torch.empty(1, 4, 32, 32))
     analytic = analytic_codec_flops(KL_F8_DDCONFIG, 4, 256, 256)
@@ -166,7 +166,7 @@ def test_optimized_step_matches_plain_fp32_step(tiny_ddconfig, tiny_lossconfig):
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_ddconfig):
     torch.manual_seed(0)
-    vae = KLAutoencoder(tiny_ddconfig, 4)
+    vae = KLAutoencoder.from_ddconfig(tiny_ddconfig, 4)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     grads = []
     for flag in (False, True):
@@ -209,7 +209,7 @@ def test_compile_regions_have_no_graph_breaks(tiny_ddconfig, lpips_model):
     from klvae.modules.discriminator import NLayerDiscriminator
 
     torch._dynamo.reset()
-    vae = KLAutoencoder(tiny_ddconfig, 4)
+    vae = KLAutoencoder.from_ddconfig(tiny_ddconfig, 4)
     x = torch.rand(1, 3, 32, 32)
     for module, inp in [(vae.encoder, x), (vae.decoder, torch.rand(1, 4, 4, 4)), (lpips_model.net, x),
                         (NLayerDiscriminator(3, 8, 2), x)]:  # fmt: skip
@@ -222,7 +222,7 @@ def test_compile_regions_have_no_graph_breaks(tiny_ddconfig, lpips_model):
 def test_compiled_encoder_decoder_match_eager(tiny_ddconfig):
     torch._dynamo.reset()
     torch.manual_seed(0)
-    vae = KLAutoencoder(tiny_ddconfig, 4)
+    vae = KLAutoencoder.from_ddconfig(tiny_ddconfig, 4)
     x = torch.rand(2, 3, 32, 32)
     recon_ref, _ = vae(x, sample_posterior=False)
     g_ref = torch.autograd.grad(recon_ref.square().sum(), list(vae.parameters()))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from klvae.cli import main
+from klvae.training.cli import main
 from tests.cli_helpers import only_run_dir, tiny_args, write_photos
 
 

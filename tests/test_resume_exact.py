@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from klvae.cli import main
+from klvae.training.cli import main
 from tests.cli_helpers import only_run_dir, tiny_args, train_losses, write_nonsquare_photos
 from tests.data.conftest import encode, random_image
 from tests.test_cli import shard_config

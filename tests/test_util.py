@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from klvae.util import ConfigError, get_obj_from_str, instantiate_from_config, load_config, to_container
+from klvae.errors import ConfigError
+from klvae.util import MOVED_MODULES, get_obj_from_str, instantiate_from_config, load_config, to_container
 
 
 def test_instantiate_builds_target_with_params():
@@ -171,10 +174,21 @@ def test_instantiate_accepts_ints_for_floats_and_none_for_optionals():
 
 
 def test_one_line_unwraps_errors_from_loader_workers():
-    from klvae.util import DataError, one_line
+    from klvae.errors import DataError, one_line
 
     wrapped = DataError(
         "Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
-        '  File "x.py", line 1, in f\nklvae.util.DataError: 0 of 5 samples in train source 0 decoded\n'
+        '  File "x.py", line 1, in f\nklvae.errors.DataError: 0 of 5 samples in train source 0 decoded\n'
     )
     assert one_line(wrapped) == "0 of 5 samples in train source 0 decoded"
+
+
+def test_old_flat_module_target_names_its_new_path():
+    # klvae 0.1 kept these modules at the package root; a saved config naming one gets the new path.
+    with pytest.raises(ConfigError, match=r"klvae\.loggers moved; write target: klvae\.training\.loggers\.X"):
+        get_obj_from_str("klvae.loggers.X")
+    with pytest.raises(ConfigError, match=r"write target: klvae\.interop\.formats\.load_vae"):
+        instantiate_from_config({"target": "klvae.loading.load_vae"})
+    # Every new path exists (the table cannot go stale).
+    for new in MOVED_MODULES.values():
+        importlib.import_module(new)

@@ -11,9 +11,9 @@ import pytest
 import torch
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 
-from klvae.export import export_diffusers, export_ldm
 from klvae.inference import InferenceVAE
-from klvae.loading import read_vae_weights
+from klvae.interop.export import export_diffusers, export_ldm
+from klvae.interop.formats import read_vae_weights
 from klvae.models.autoencoder import AutoencoderKL
 from klvae.modules.config import NetworkConfig
 from klvae.modules.vae import KL_F8_DDCONFIG, KLAutoencoder
@@ -55,7 +55,7 @@ def test_diffusers_vae_round_trip_through_training(family: str, tmp_path, monkey
     vae = InferenceVAE.from_pretrained(tmp_path / "source")
     assert (vae.scaling_factor, vae.shift_factor) == (0.5, 0.1)
     assert vae.model.network.use_quant_conv is quant and vae.model.network.use_post_quant_conv is quant
-    assert vae.model.embed_dim == latent
+    assert vae.model.network.embed_dim == latent
     _assert_same_codec(source, vae.encode, vae.decode)
 
     # In, for training: warm start with the network read from the folder (ddconfig null).
@@ -135,9 +135,11 @@ def _count(module: torch.nn.Module) -> int:
 
 def test_full_size_parameter_counts_4_and_16_channels() -> None:
     with torch.device("meta"):
-        c4 = KLAutoencoder({}, 4)  # defaults: kl-f8
-        c16 = KLAutoencoder({"z_channels": 16}, 16)
-        c16_bare = KLAutoencoder({"z_channels": 16}, 16, use_quant_conv=False, use_post_quant_conv=False)
+        c4 = KLAutoencoder.from_ddconfig({}, 4)  # defaults: kl-f8
+        c16 = KLAutoencoder.from_ddconfig({"z_channels": 16}, 16)
+        c16_bare = KLAutoencoder.from_ddconfig(
+            {"z_channels": 16}, 16, use_quant_conv=False, use_post_quant_conv=False
+        )
     assert (_count(c4.encoder), _count(c4.decoder)) == (KL_F8_ENCODER, KL_F8_DECODER)
     assert _count(c4.quant_conv) + _count(c4.post_quant_conv) == KL_F8_QUANT_CONVS
     # 16 channels only widen the encoder's conv_out (512 -> 2·16) and the decoder's conv_in (16 -> 512).
@@ -187,9 +189,9 @@ def test_latent_stats_give_both_factors_and_export_writes_them(tmp_path) -> None
     import numpy as np
     from PIL import Image
 
-    from klvae.eval_data import image_batches
-    from klvae.export import main as export_main
-    from klvae.latent_stats import main as stats_main
+    from klvae.evaluation.data import image_batches
+    from klvae.evaluation.latent_stats import main as stats_main
+    from klvae.interop.export import main as export_main
 
     _diffusers_vae(16, False).save_pretrained(tmp_path / "vae")
     (tmp_path / "imgs").mkdir()
@@ -224,7 +226,7 @@ def test_analytic_flops_of_the_16_channel_network_without_quant_convs() -> None:
 
     ddconfig = {"z_channels": 16}
     with torch.device("meta"):
-        vae = KLAutoencoder(ddconfig, 16, use_quant_conv=False, use_post_quant_conv=False)
+        vae = KLAutoencoder.from_ddconfig(ddconfig, 16, use_quant_conv=False, use_post_quant_conv=False)
         enc = count_module_flops(lambda x: vae.encode(x).parameters, torch.empty(1, 3, 256, 256))
         dec = count_module_flops(vae.decode, torch.empty(1, 16, 32, 32))
     assert vae.network.ddconfig() == {**KL_F8_DDCONFIG, "z_channels": 16}

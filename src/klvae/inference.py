@@ -2,7 +2,7 @@
 
 Example::
 
-    vae = InferenceVAE.from_pretrained("my-vae/", device="cuda")   # any format klvae.loading reads
+    vae = InferenceVAE.from_pretrained("my-vae/", device="cuda")   # any format klvae.interop.formats reads
     z = vae.encode(images, scale=True)                              # (B, 4, H/8, W/8), diffusion-ready
     x = vae.decode(z, scale=True, tile_size=512)                    # tiled: 1024² and beyond on one GPU
 
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from klvae.loading import build_vae, read_vae_weights
+from klvae.interop.formats import build_vae, read_vae_weights
 from klvae.modules.distributions import DiagonalGaussianDistribution
 from klvae.modules.vae import KLAutoencoder
 
@@ -96,7 +96,7 @@ class InferenceVAE(nn.Module):
     """A loaded VAE plus its latent scale/shift, with (optionally tiled) encode and decode.
 
     Args:
-        model: the network (see :func:`klvae.loading.load_vae`).
+        model: the network (see :func:`klvae.interop.formats.load_vae`).
         scaling_factor: latent scale (1/std); needed only for ``scale=True``.
         shift_factor: latent shift (mean); 0 when None.
     """
@@ -121,7 +121,7 @@ class InferenceVAE(nn.Module):
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> InferenceVAE:
-        """Load from any format :func:`klvae.loading.read_vae_weights` accepts.
+        """Load from any format :func:`klvae.interop.formats.read_vae_weights` accepts.
 
         ``scaling_factor``/``shift_factor`` default to what the source records (diffusers config, export).
         ``dtype`` bfloat16 halves memory; float16 can overflow in this network.

@@ -21,8 +21,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from klvae.ddp import PerOptimizerDDPStrategy  # noqa: E402
 from klvae.models.autoencoder import AutoencoderKL  # noqa: E402
+from klvae.training.ddp import PerOptimizerDDPStrategy  # noqa: E402
 from tests.conftest import TINY_DDCONFIG, TINY_LOSSCONFIG  # noqa: E402
 
 

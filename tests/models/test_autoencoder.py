@@ -250,7 +250,7 @@ def test_invalid_module_option_raises_naming_it(tiny_ddconfig, tiny_lossconfig, 
 
 
 def test_ema_warmup_matches_litema_counting_after_increment():
-    from klvae.ema import ModuleEMA
+    from klvae.models.ema import ModuleEMA
 
     live = torch.nn.Linear(1, 1, bias=False)
     torch.nn.init.zeros_(live.weight)

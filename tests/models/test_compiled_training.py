@@ -14,8 +14,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from klvae.cli import main
 from klvae.models.autoencoder import AutoencoderKL
+from klvae.training.cli import main
 from tests.cli_helpers import only_run_dir, tiny_args, train_losses
 
 # Training-only graphs per region. encoder/decoder: the autoencoder update (grad) and the alternate

@@ -1,4 +1,4 @@
-"""DDP for the two-optimizer step (klvae.ddp): each update all-reduces only its own gradients."""
+"""DDP for the two-optimizer step (klvae.training.ddp): each update all-reduces only its own gradients."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from klvae.ddp import PerOptimizerDDPStrategy
-from klvae.trainer_setup import plan_trainer
+from klvae.training.ddp import PerOptimizerDDPStrategy
+from klvae.training.trainer import plan_trainer
 
 PROBE = Path(__file__).with_name("ddp_probe.py")
 REPO = Path(__file__).resolve().parents[2]

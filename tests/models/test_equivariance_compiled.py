@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from klvae.cli import main
+from klvae.training.cli import main
 from tests.cli_helpers import only_run_dir, tiny_args, write_photos
 from tests.models.test_compiled_training import graphs_per_region
 

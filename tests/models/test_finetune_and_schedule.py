@@ -6,8 +6,8 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from klvae.lr_schedule import LRSchedule
 from klvae.models.autoencoder import AutoencoderKL
+from klvae.models.lr_schedule import LRSchedule
 from tests.models.test_autoencoder import fit, make_model
 
 
@@ -162,7 +162,7 @@ def test_wrong_ddconfig_for_the_checkpoint_is_a_clear_error(tiny_ddconfig, tiny_
 
 # ------------------------------------------------------------------ validation in familiar units
 def test_validation_logs_psnr_ssim_lpips_with_ema_weights(tiny_ddconfig, tiny_lossconfig):
-    from klvae.metrics import reconstruction_scores
+    from klvae.evaluation.metrics import reconstruction_scores
     from tests.models.test_autoencoder import loader
 
     model = make_model(tiny_ddconfig, tiny_lossconfig, ema_decay=0.5)

@@ -6,10 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from klvae.errors import ConfigError
 from klvae.modules.discriminator import NLayerDiscriminator
 from klvae.modules.model import AttnBlock, Decoder, Encoder
 from klvae.modules.vae import KL_F8_DDCONFIG, KLAutoencoder
-from klvae.util import ConfigError, instantiate_from_config
+from klvae.util import instantiate_from_config
 
 
 def count(module: torch.nn.Module) -> int:
@@ -17,7 +18,7 @@ def count(module: torch.nn.Module) -> int:
 
 
 def test_tiny_autoencoder_downsamples_by_8(tiny_ddconfig):
-    vae = KLAutoencoder(tiny_ddconfig, embed_dim=4)
+    vae = KLAutoencoder.from_ddconfig(tiny_ddconfig, embed_dim=4)
     x = torch.randn(2, 3, 32, 48)
     posterior = vae.encode(x)
     assert posterior.mean.shape == (2, 4, 4, 6)
@@ -28,7 +29,7 @@ def test_tiny_autoencoder_downsamples_by_8(tiny_ddconfig):
 def test_kl_f8_parameter_counts_match_published_model():
     with torch.device("meta"):  # counts only: no memory, no init time
         encoder, decoder = Encoder(**KL_F8_DDCONFIG), Decoder(**KL_F8_DDCONFIG)
-        vae = KLAutoencoder(KL_F8_DDCONFIG, embed_dim=4)
+        vae = KLAutoencoder.from_ddconfig(KL_F8_DDCONFIG, embed_dim=4)
         disc = NLayerDiscriminator()
     assert count(encoder) == 34_163_592
     assert count(decoder) == 49_490_179
@@ -78,7 +79,7 @@ def expected_ldm_keys(num_levels: int = 4, num_res_blocks: int = 2) -> set[str]:
 
 def test_state_dict_has_exact_ldm_layout():
     with torch.device("meta"):
-        vae = KLAutoencoder(KL_F8_DDCONFIG, embed_dim=4)
+        vae = KLAutoencoder.from_ddconfig(KL_F8_DDCONFIG, embed_dim=4)
     keys = set(vae.state_dict())
     assert len(keys) == 248
     assert keys == expected_ldm_keys()
@@ -92,7 +93,7 @@ def test_state_dict_has_exact_ldm_layout():
 
 # --------------------------------------------------------------------------- diffusers as an oracle
 def diffusers_to_ldm(state: dict[str, torch.Tensor], num_levels: int) -> dict[str, torch.Tensor]:
-    """Rename diffusers' AutoencoderKL tensors to LDM's layout (written here, independent of klvae.convert)."""
+    """Rename diffusers' AutoencoderKL tensors to LDM's layout (written here, independent of klvae.interop.keys)."""
     out = {}
     for key, value in state.items():
         k = key
@@ -136,7 +137,7 @@ def test_ldm_state_dict_loads_strictly_and_matches_diffusers(tiny_ddconfig):
         norm_num_groups=4,
         sample_size=32,
     ).eval()
-    vae = KLAutoencoder(tiny_ddconfig, embed_dim=4).eval()
+    vae = KLAutoencoder.from_ddconfig(tiny_ddconfig, embed_dim=4).eval()
     vae.load_state_dict(diffusers_to_ldm(reference.state_dict(), 4), strict=True)
 
     x = torch.randn(2, 3, 32, 32)
@@ -185,13 +186,13 @@ def test_downsample_pads_right_bottom_only():
 def test_invalid_ddconfig_value_raises_naming_it(tiny_ddconfig, key, value, message):
     tiny_ddconfig[key] = value
     with pytest.raises(ValueError, match=message):
-        KLAutoencoder(tiny_ddconfig, embed_dim=4)
+        KLAutoencoder.from_ddconfig(tiny_ddconfig, embed_dim=4)
 
 
 def test_misspelled_ddconfig_key_raises_naming_it(tiny_ddconfig):
     tiny_ddconfig["chmult"] = tiny_ddconfig.pop("ch_mult")
     with pytest.raises(ConfigError, match="chmult"):
-        KLAutoencoder(tiny_ddconfig, embed_dim=4)
+        KLAutoencoder.from_ddconfig(tiny_ddconfig, embed_dim=4)
 
 
 def test_gradient_checkpointing_gives_identical_gradients(tiny_ddconfig):

@@ -1,29 +1,22 @@
 """Lightning callbacks and plugins of the training CLI. All cadences count training iterations."""
 
-from klvae.callbacks.checkpointing import (
-    AtomicCheckpointIO,
-    IterationCheckpoint,
-    TopKCheckpoint,
-    atomic_torch_save,
-    iteration_of,
-    load_checkpoint,
-)
-from klvae.callbacks.images import ImageLogger, image_schedule_hit, make_grid
-from klvae.callbacks.monitoring import IterationSeeder, MaxIterations, ThroughputMonitor
-from klvae.callbacks.preemption import PreemptionHandler
+from klvae._lazy import lazy_exports
 
-__all__ = [
-    "AtomicCheckpointIO",
-    "ImageLogger",
-    "IterationCheckpoint",
-    "IterationSeeder",
-    "MaxIterations",
-    "PreemptionHandler",
-    "ThroughputMonitor",
-    "TopKCheckpoint",
-    "atomic_torch_save",
-    "image_schedule_hit",
-    "iteration_of",
-    "load_checkpoint",
-    "make_grid",
-]
+_EXPORTS = {
+    **dict.fromkeys(
+        (
+            "AtomicCheckpointIO",
+            "IterationCheckpoint",
+            "TopKCheckpoint",
+            "atomic_torch_save",
+            "iteration_of",
+            "load_checkpoint",
+        ),
+        "klvae.callbacks.checkpointing",
+    ),  # fmt: skip
+    **dict.fromkeys(("ImageLogger", "image_schedule_hit", "make_grid"), "klvae.callbacks.images"),
+    **dict.fromkeys(("IterationSeeder", "MaxIterations", "ThroughputMonitor"), "klvae.callbacks.monitoring"),
+    "PreemptionHandler": "klvae.callbacks.preemption",
+}
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -4,7 +4,7 @@ SLURM sends SIGUSR1 ahead of the time limit when the job has ``#SBATCH --signal=
 preemption. The handler only sets a flag; the checkpoint is written at the end of the current training
 batch (a consistent state), by every rank together, then training stops. On SIGUSR1 inside a SLURM job
 the job is requeued (``scontrol requeue``), and the requeued job resumes from the run directory
-(see ``klvae.run_dir``). Lightning's own SLURM auto-requeue is switched off by the CLI so that exactly one
+(see ``klvae.training.run_dir``). Lightning's own SLURM auto-requeue is switched off by the CLI so that exactly one
 mechanism handles the signal. DataLoader workers ignore these signals (``klvae.data.workers``), so a
 signal sent to the whole process group, as schedulers and terminals do, reaches the main process only.
 

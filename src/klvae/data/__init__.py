@@ -1,9 +1,13 @@
 """Data: webdataset shards and image folders -> ``{"image": float32 (B, 3, H, W) in [-1, 1], ...}`` batches."""
 
-from klvae.data.folder import ImageFolderDataModule
-from klvae.data.make_shards import write_shards
-from klvae.data.stats import DataStatsCallback
-from klvae.data.transforms import ImageTransform
-from klvae.data.webdataset_module import WebDataModule
+from klvae._lazy import lazy_exports
 
-__all__ = ["DataStatsCallback", "ImageFolderDataModule", "ImageTransform", "WebDataModule", "write_shards"]
+_EXPORTS = {
+    "DataStatsCallback": "klvae.data.stats",
+    "ImageFolderDataModule": "klvae.data.folder",
+    "ImageTransform": "klvae.data.transforms",
+    "WebDataModule": "klvae.data.webdataset_module",
+    "write_shards": "klvae.data.make_shards",
+}
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

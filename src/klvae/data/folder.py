@@ -24,7 +24,7 @@ from klvae.data.sharding import distributed_info
 from klvae.data.stats import SKIP_KINDS, SKIPPED_KEY, SkipCounter
 from klvae.data.transforms import IMAGE_EXTENSIONS, ImageTooSmallError, ImageTransform, to_model_batch
 from klvae.data.workers import ignore_stop_signals
-from klvae.util import ConfigError, DataError
+from klvae.errors import ConfigError, DataError
 
 __all__ = ["ImageFolderDataModule", "ImageFolderDataset", "list_images"]
 

@@ -227,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     inputs = list(args.inputs) + ([str(p) for p in skimage_photo_paths()] if args.skimage_photos else [])
     if not inputs:
         parser.error("give at least one input or --skimage-photos")
-    from klvae.util import ConfigError, run_tool
+    from klvae.errors import ConfigError, run_tool
 
     def body() -> None:
         try:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from webdataset.shardlists import expand_urls
 
-from klvae.util import ConfigError
+from klvae.errors import ConfigError
 
 __all__ = ["ShardAssignment", "assign_shards", "distributed_info", "expand_shards", "worker_info"]
 

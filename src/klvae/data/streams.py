@@ -24,7 +24,7 @@ from webdataset.tariterators import tarfile_samples
 from klvae.data.sharding import ShardAssignment, assign_shards, worker_info
 from klvae.data.stats import SKIPPED_KEY, SkipCounter
 from klvae.data.transforms import ImageTooSmallError, ImageTransform, find_image_key, to_model_batch
-from klvae.util import DataError
+from klvae.errors import DataError
 
 __all__ = ["TrainStream", "ValStream", "worker_rng"]
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from klvae.util import ConfigError
+from klvae.errors import ConfigError
 
 __all__ = [
     "IMAGE_EXTENSIONS",

@@ -28,7 +28,7 @@ from klvae.data.sharding import distributed_info, expand_shards
 from klvae.data.streams import TrainStream, ValStream, _RankedStream
 from klvae.data.transforms import ImageTransform
 from klvae.data.workers import ignore_stop_signals
-from klvae.util import ConfigError
+from klvae.errors import ConfigError
 
 __all__ = ["WebDataModule"]
 

@@ -16,18 +16,19 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from klvae.ema import ModuleEMA
-from klvae.loading import VAEWeights, read_vae_weights
-from klvae.lr_schedule import LRSchedule
-from klvae.metrics import reconstruction_scores
+from klvae.errors import TrainingDivergedError
+from klvae.evaluation.metrics import reconstruction_scores
+from klvae.interop.files import NETWORK_PREFIXES, read_state_dict, select_first_stage
+from klvae.interop.formats import VAEWeights, read_vae_weights
+from klvae.models.ema import ModuleEMA
+from klvae.models.lr_schedule import LRSchedule
 from klvae.modules.config import NetworkConfig
 from klvae.modules.equivariance import Branch, EquivarianceSchedule
 from klvae.modules.losses import LastLayer
-from klvae.modules.vae import KLCodec, build_codec_modules
+from klvae.modules.vae import KLAutoencoder
 from klvae.perf.apply import apply_runtime_optimizations, make_adam
 from klvae.perf.options import parse_optimizations
-from klvae.state_dict import NETWORK_PREFIXES, read_state_dict, select_first_stage
-from klvae.util import TrainingDivergedError, instantiate_from_config, to_container
+from klvae.util import instantiate_from_config, to_container
 
 __all__ = ["AutoencoderKL", "NonFiniteTrainingError"]
 
@@ -80,7 +81,7 @@ def _check_quant_convs(
         )
 
 
-class AutoencoderKL(KLCodec, pl.LightningModule):
+class AutoencoderKL(KLAutoencoder, pl.LightningModule):
     """KL-regularised autoencoder (LDM's ``first_stage_model``) with its GAN training recipe.
 
     State-dict keys match LDM's (``encoder.*``, ``decoder.*``, ``quant_conv.*``, ``post_quant_conv.*``,
@@ -117,7 +118,7 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
         monitor: metric for best-checkpoint selection.
         lr_schedule: learning-rate warm-up and decay for both optimizers, counted in iterations, e.g.
             ``{warmup_iterations: 1000, decay: cosine, total_iterations: 250000}``; keys in
-            :class:`klvae.lr_schedule.LRSchedule`. None: constant (LDM).
+            :class:`klvae.models.lr_schedule.LRSchedule`. None: constant (LDM).
         optimizations: speed/memory switches (torch.compile, fused Adam, channels_last, LPIPS target
             without autograd, gradient checkpointing, cudnn.benchmark); keys and defaults in
             :class:`klvae.perf.options.Optimizations`, an unknown key is a ``ValueError``.
@@ -153,7 +154,6 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
         use_quant_conv: bool | None = None,
         use_post_quant_conv: bool | None = None,
     ) -> None:
-        super().__init__()
         if update_schedule not in _SCHEDULES:
             raise ValueError(f"update_schedule must be one of {_SCHEDULES}, got {update_schedule!r}")
         if not isinstance(accumulate_grad_batches, int) or accumulate_grad_batches < 1:
@@ -169,7 +169,7 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
         if len(adam_betas) != 2:
             raise ValueError(f"adam_betas must be two numbers, got {adam_betas!r}")
         lossconfig = to_container(lossconfig)
-        self.lr_schedule = LRSchedule.from_config(to_container(lr_schedule))
+        lr_schedule = to_container(lr_schedule)
         warm_start = None
         if ckpt_path is not None:  # a given ddconfig skips shape inference (checked against the file below)
             given = to_container(ddconfig) if ddconfig is not None else None
@@ -192,7 +192,9 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
             use_quant_conv = warm_start.use_quant_conv if warm_start is not None else True
         if use_post_quant_conv is None:
             use_post_quant_conv = warm_start.use_post_quant_conv if warm_start is not None else True
-        self.network = NetworkConfig.from_params(ddconfig, embed_dim, use_quant_conv, use_post_quant_conv)
+        # The network (KLAutoencoder: encoder, quant convs, decoder); nothing may be set on self before this.
+        super().__init__(NetworkConfig.from_params(ddconfig, embed_dim, use_quant_conv, use_post_quant_conv))
+        self.lr_schedule = LRSchedule.from_config(lr_schedule)
         opts = None if optimizations is None else to_container(optimizations)
         self.optimizations = parse_optimizations(opts)
         # Plain containers only: a DictConfig in hparams would break torch.load(weights_only=True).
@@ -214,7 +216,7 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
                 "image_key": image_key,
                 "monitor": monitor,
                 "optimizations": self.optimizations.to_dict(),
-                "lr_schedule": to_container(lr_schedule),
+                "lr_schedule": lr_schedule,
                 "max_nonfinite_in_a_row": max_nonfinite_in_a_row,
                 "equivariance": None if equivariance is None else to_container(equivariance),
             }
@@ -229,21 +231,19 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
         self.train_decoder_only = train_decoder_only
         self.image_key = image_key
         self.monitor = monitor
-        self.embed_dim = embed_dim
+
         self.equivariance = (
             None if equivariance is None else EquivarianceSchedule.from_config(to_container(equivariance))
         )
         self._downsample_factor = self.network.downsampling  # image side / latent side
 
-        for name, module in build_codec_modules(self.network).items():
-            self.add_module(name, module)
         self.loss = instantiate_from_config(lossconfig)
         if self.optimizations.gradient_checkpointing:
             self.encoder.gradient_checkpointing = self.decoder.gradient_checkpointing = True
         if hasattr(self.loss, "lpips_target_no_grad"):
             self.loss.lpips_target_no_grad = self.optimizations.lpips_target_no_grad
         self._runtime_optimized = False
-        self.ema = ModuleEMA(self._codec_modules(), decay=ema_decay) if ema_decay is not None else None
+        self.ema = ModuleEMA(self.codec_modules(), decay=ema_decay) if ema_decay is not None else None
         if warm_start is not None:
             self.init_from_ckpt(str(ckpt_path), ignore_keys, warm_start)
         if train_decoder_only:
@@ -270,9 +270,6 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
         """Completed training iterations (update rounds), the clock of disc_start and all cadences."""
         return self._iteration
 
-    def _codec_modules(self) -> dict[str, torch.nn.Module]:
-        return {n: getattr(self, n) for n in ("encoder", "decoder", "quant_conv", "post_quant_conv")}
-
     def get_last_layer(self) -> torch.Tensor:
         return self.decoder.conv_out.weight
 
@@ -292,7 +289,7 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
     @contextmanager
     def ema_scope(self) -> Iterator[None]:
         """Inside the block the network runs with EMA weights (no-op without EMA)."""
-        with self.ema.swapped(self._codec_modules()) if self.ema is not None else nullcontext():
+        with self.ema.swapped(self.codec_modules()) if self.ema is not None else nullcontext():
             yield
 
     def init_from_ckpt(
@@ -300,7 +297,7 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
     ) -> None:
         """Warm start from an LDM/SD/klvae checkpoint; every network tensor must be present and fit.
 
-        The network comes from :func:`klvae.loading.read_vae_weights` (``weights`` when the caller has
+        The network comes from :func:`klvae.interop.formats.read_vae_weights` (``weights`` when the caller has
         read it already; a klvae run's EMA weights when it has them, see ``ckpt_use_ema``); ``loss.*``
         tensors (LDM's discriminator and logvar) from the file itself. The EMA, when on, starts from the
         loaded weights: a fine-tune averages from where it starts.
@@ -321,7 +318,7 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
                 "LDM/SD kl-f8 checkpoint for this ddconfig"
             )
         if self.ema is not None:
-            self.ema.copy_from(self._codec_modules())
+            self.ema.copy_from(self.codec_modules())
         log.info(
             "warm start from %s (%s%s): %d tensors loaded; not in file: %s; ignored from file: %s",
             path,
@@ -342,7 +339,7 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
             for k, v in network.items()
             if k in own and v.shape != own[k].shape
         ]
-        if wrong or weights.embed_dim != self.embed_dim:
+        if wrong or weights.embed_dim != self.network.embed_dim:
             try:
                 actual: Any = read_vae_weights(path).ddconfig  # what the file's shapes say
             except ValueError as e:
@@ -350,7 +347,7 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
             raise ValueError(
                 f"{path} holds a different network than model.params.ddconfig/embed_dim "
                 f"({len(wrong)} shape mismatches, first: {wrong[:3]}; file embed_dim {weights.embed_dim}, "
-                f"config {self.embed_dim}). The file's network is ddconfig={actual}. Set "
+                f"config {self.network.embed_dim}). The file's network is ddconfig={actual}. Set "
                 "model.params.ddconfig to null to take the checkpoint's network, or fix it."
             )
 
@@ -523,7 +520,7 @@ class AutoencoderKL(KLCodec, pl.LightningModule):
         if last_micro:
             self._iteration += 1
             if update_ae and self.ema is not None:
-                self.ema.update(self._codec_modules())
+                self.ema.update(self.codec_modules())
             if self._iteration % self.max_nonfinite_in_a_row == 0:
                 self._check_nonfinite_streak()
         # Device scalars only (torch.full is a fill kernel, not a host copy); nothing here waits for the

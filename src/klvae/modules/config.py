@@ -15,13 +15,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from klvae.errors import ConfigError
 from klvae.modules.model import validate_ddconfig
-from klvae.util import ConfigError
 
-__all__ = ["DECODER_ONLY_KEYS", "NetworkConfig"]
+__all__ = ["NetworkConfig"]
 
-# Keys of ddconfig that only the Decoder takes (LDM's knobs; both False in every published model).
-DECODER_ONLY_KEYS = ("give_pre_end", "tanh_out")
+# LDM's Encoder/Decoder knobs that no published VAE changes: accepted in a ddconfig at these values only.
+_FIXED_LDM_KNOBS = {"resamp_with_conv": True, "give_pre_end": False, "tanh_out": False}
 _INTERFACE_KEYS = ("embed_dim", "use_quant_conv", "use_post_quant_conv")
 # The keys of LDM's published kl-f8 ddconfig (CompVis/latent-diffusion, autoencoder_kl_32x32x4.yaml).
 _LDM_KEYS = (
@@ -47,10 +47,7 @@ class NetworkConfig:
     num_res_blocks: int = 2
     attn_resolutions: tuple[int, ...] = ()
     dropout: float = 0.0
-    resamp_with_conv: bool = True
     norm_num_groups: int = 32
-    give_pre_end: bool = False
-    tanh_out: bool = False
     gradient_checkpointing: bool = False
     # The latent interface (beside ddconfig in YAML): posterior channels and the 1×1 convs around it.
     embed_dim: int = 4
@@ -74,9 +71,16 @@ class NetworkConfig:
             ValueError: an invalid value, named (see :meth:`validate`).
         """
         names = {f.name for f in dataclasses.fields(cls)} - {*_INTERFACE_KEYS, "given_keys"}
-        unknown = sorted(set(ddconfig) - names)
+        unknown = sorted(set(ddconfig) - names - set(_FIXED_LDM_KNOBS))
         if unknown:
             raise ConfigError(f"ddconfig has unknown keys {unknown}; the network takes {sorted(names)}")
+        for key, value in _FIXED_LDM_KNOBS.items():
+            if key in ddconfig and ddconfig[key] != value:
+                raise ConfigError(
+                    f"ddconfig.{key}={ddconfig[key]!r} is not supported: klvae's network is LDM's with "
+                    f"{key}={value} (as every published kl-f8/SDXL/SD3/FLUX VAE); remove the key"
+                )
+        ddconfig = {k: v for k, v in ddconfig.items() if k not in _FIXED_LDM_KNOBS}
         values = {k: tuple(v) if k in ("ch_mult", "attn_resolutions") else v for k, v in ddconfig.items()}
         return cls(
             **values,
@@ -117,12 +121,8 @@ class NetworkConfig:
         """Image side / latent side (8 for kl-f8)."""
         return 2 ** (len(self.ch_mult) - 1)
 
-    def encoder_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of :class:`klvae.modules.model.Encoder`."""
-        return {k: v for k, v in self._network_fields().items() if k not in DECODER_ONLY_KEYS}
-
-    def decoder_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of :class:`klvae.modules.model.Decoder`."""
+    def network_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :class:`klvae.modules.model.Encoder` and :class:`~klvae.modules.model.Decoder`."""
         return self._network_fields()
 
     def ddconfig(self) -> dict[str, Any]:

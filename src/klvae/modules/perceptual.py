@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from klvae.paths import VGG16_HUB_FILENAME, lpips_full_path, torch_hub_checkpoint
+from klvae.pretrained.paths import VGG16_HUB_FILENAME, lpips_full_path, torch_hub_checkpoint
 
 __all__ = ["VGG_TRUNK_SLICES", "load_lpips", "torchvision_vgg16_to_lpips"]
 

@@ -1,8 +1,9 @@
-"""The autoencoder itself (encoder, quant convs, decoder) as a plain ``nn.Module``, no training parts.
+"""The KL autoencoder network (encoder, quant convs, decoder) as a plain ``nn.Module``: no loss, no Lightning.
 
-Its 248 state-dict keys (244 without the quant convs) are LDM's ``first_stage_model`` layout, so SD/LDM weights load with
-``strict=True``. :class:`KLCodec` holds encode/decode so that the Lightning module
-(:class:`klvae.models.autoencoder.AutoencoderKL`) and this inference model share one implementation.
+Its 248 state-dict keys (244 without the quant convs) are LDM's ``first_stage_model`` layout
+(CompVis/latent-diffusion ``ldm.models.autoencoder.AutoencoderKL``), so SD/LDM weights load with
+``strict=True``. The training LightningModule :class:`klvae.models.autoencoder.AutoencoderKL` extends this class,
+so training and inference run one implementation of encode/decode.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from klvae.modules.config import NetworkConfig
 from klvae.modules.distributions import DiagonalGaussianDistribution
 from klvae.modules.model import Decoder, Encoder
 
-__all__ = ["KL_F8_DDCONFIG", "KLAutoencoder", "KLCodec", "build_codec_modules"]
+__all__ = ["KL_F8_DDCONFIG", "KLAutoencoder"]
 
 # The published kl-f8 network (LDM / Stable Diffusion first stage), embed_dim 4.
 KL_F8_DDCONFIG: dict[str, Any] = {
@@ -34,30 +35,47 @@ KL_F8_DDCONFIG: dict[str, Any] = {
 }
 
 
-def build_codec_modules(network: NetworkConfig) -> dict[str, nn.Module]:
-    """Encoder, Decoder, quant_conv and post_quant_conv for a :class:`NetworkConfig`.
+class KLAutoencoder(nn.Module):
+    """KL autoencoder: image (B, 3, H, W) in [-1, 1] → Gaussian posterior over (B, embed_dim, H/8, W/8) → image.
 
-    The one place the quant convs are decided: an absent one is ``nn.Identity`` (no parameters, so the
-    state dict simply lacks ``quant_conv.*`` / ``post_quant_conv.*``, as in SD3's and FLUX.1's VAEs), and
-    encode/decode need no branch.
+    Args:
+        network: the network's shape (defaults: kl-f8). Build one from LDM's YAML vocabulary with
+            :meth:`from_ddconfig`.
+
+    Attributes:
+        encoder, decoder: :class:`klvae.modules.model.Encoder` / ``Decoder``.
+        quant_conv: 1×1 conv (2·z_channels → 2·embed_dim), or ``nn.Identity`` without it (SD3/FLUX.1): an
+            absent conv has no parameters, so the state dict simply lacks ``quant_conv.*``.
+        post_quant_conv: 1×1 conv (embed_dim → z_channels), or ``nn.Identity``.
     """
-    z, e = network.z_channels, network.embed_dim
-    return {
-        "encoder": Encoder(**network.encoder_kwargs()),
-        "decoder": Decoder(**network.decoder_kwargs()),
-        # 1×1 convs between the network's z_channels and the posterior's embed_dim (both 4 for kl-f8).
-        "quant_conv": nn.Conv2d(2 * z, 2 * e, 1) if network.use_quant_conv else nn.Identity(),
-        "post_quant_conv": nn.Conv2d(e, z, 1) if network.use_post_quant_conv else nn.Identity(),
-    }
 
+    # The modules that make up the network (EMA, export and warm start work on exactly these).
+    CODEC_MODULES = ("encoder", "quant_conv", "post_quant_conv", "decoder")
 
-class KLCodec:
-    """encode/decode/forward over ``self.encoder``, ``self.quant_conv``, ``self.post_quant_conv``, ``self.decoder``."""
+    def __init__(self, network: NetworkConfig | None = None) -> None:
+        super().__init__()
+        self.network = network if network is not None else NetworkConfig()
+        z, e = self.network.z_channels, self.network.embed_dim
+        self.encoder = Encoder(**self.network.network_kwargs())
+        self.decoder = Decoder(**self.network.network_kwargs())
+        # The one place the quant convs are decided.
+        self.quant_conv = nn.Conv2d(2 * z, 2 * e, 1) if self.network.use_quant_conv else nn.Identity()
+        self.post_quant_conv = nn.Conv2d(e, z, 1) if self.network.use_post_quant_conv else nn.Identity()
 
-    encoder: Encoder
-    decoder: Decoder
-    quant_conv: nn.Module  # Conv2d, or Identity without quant convs
-    post_quant_conv: nn.Module
+    @classmethod
+    def from_ddconfig(
+        cls,
+        ddconfig: Mapping[str, Any],
+        embed_dim: int,
+        use_quant_conv: bool = True,
+        use_post_quant_conv: bool = True,
+    ) -> KLAutoencoder:
+        """Build from LDM's keys: ``ddconfig`` (``ch``, ``ch_mult``, ``z_channels`` ...) and ``embed_dim``."""
+        return cls(NetworkConfig.from_params(ddconfig, embed_dim, use_quant_conv, use_post_quant_conv))
+
+    def codec_modules(self) -> dict[str, nn.Module]:
+        """The network's modules by name (no loss, no EMA copy)."""
+        return {name: getattr(self, name) for name in self.CODEC_MODULES}
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
         """Image (B, 3, H, W) in [-1, 1] → posterior over latents (B, embed_dim, H/8, W/8)."""
@@ -75,27 +93,3 @@ class KLCodec:
         posterior = self.encode(x)
         z = posterior.sample() if sample_posterior else posterior.mode()
         return self.decode(z), posterior
-
-
-class KLAutoencoder(KLCodec, nn.Module):
-    """Inference-only KL autoencoder: no loss, no LPIPS, no discriminator.
-
-    Args:
-        ddconfig: LDM network config (``ch``, ``ch_mult``, ``z_channels`` ...), see :class:`Encoder`.
-        embed_dim: latent channels of the posterior (4 for kl-f8).
-        use_quant_conv: whether a 1×1 conv maps the encoder's moments to the posterior (False in SD3/FLUX.1).
-        use_post_quant_conv: whether a 1×1 conv maps latents into the decoder (False in SD3/FLUX.1).
-    """
-
-    def __init__(
-        self,
-        ddconfig: Mapping[str, Any],
-        embed_dim: int,
-        use_quant_conv: bool = True,
-        use_post_quant_conv: bool = True,
-    ) -> None:
-        nn.Module.__init__(self)
-        self.network = NetworkConfig.from_params(ddconfig, embed_dim, use_quant_conv, use_post_quant_conv)
-        for name, module in build_codec_modules(self.network).items():
-            self.add_module(name, module)
-        self.ddconfig, self.embed_dim = dict(ddconfig), embed_dim

@@ -1,5 +1,7 @@
 """Performance helpers: optimisation switches, a faster LPIPS assembly, FLOP counting, benchmark utilities."""
 
-from klvae.perf.options import Optimizations, parse_optimizations
+from klvae._lazy import lazy_exports
 
-__all__ = ["Optimizations", "parse_optimizations"]
+_EXPORTS = {"Optimizations": "klvae.perf.options", "parse_optimizations": "klvae.perf.options"}
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

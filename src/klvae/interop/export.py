@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from klvae.convert import diffusers_config_from_ddconfig, ldm_to_diffusers
-from klvae.loading import EXPORT_META_KEY, VAEWeights, read_vae_weights
+from klvae.interop.formats import EXPORT_META_KEY, VAEWeights, read_vae_weights
+from klvae.interop.keys import diffusers_config_from_ddconfig, ldm_to_diffusers
 
 __all__ = ["export_diffusers", "export_ldm", "main", "resolve_latent_factors"]
 
@@ -62,7 +62,7 @@ def export_ldm(
     """Write LDM-layout weights to ``out`` (``.safetensors`` or ``.ckpt``).
 
     Args:
-        weights: network weights (from :func:`klvae.loading.read_vae_weights`).
+        weights: network weights (from :func:`klvae.interop.formats.read_vae_weights`).
         out: target file; the suffix picks the container.
         scaling_factor: recorded in the metadata (LDM itself keeps it in the diffusion model's config).
         shift_factor: recorded in the metadata.
@@ -94,7 +94,7 @@ def export_diffusers(
     """Write a diffusers ``AutoencoderKL`` folder: ``config.json`` + ``diffusion_pytorch_model.safetensors``.
 
     Raises:
-        ValueError: the network has no diffusers equivalent (see :func:`klvae.convert.check_diffusers_compatible`).
+        ValueError: the network has no diffusers equivalent (see :func:`klvae.interop.keys.check_diffusers_compatible`).
     """
     from safetensors.torch import save_file
 
@@ -178,7 +178,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from klvae.util import run_tool
+    from klvae.errors import run_tool
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _json_arg(flag: str, text: str) -> Any:
-    from klvae.util import ConfigError
+    from klvae.errors import ConfigError
 
     try:
         return json.loads(text)
@@ -195,7 +195,7 @@ def _json_arg(flag: str, text: str) -> Any:
 
 
 def _run(args: argparse.Namespace) -> None:
-    from klvae.util import ConfigError, load_user_file
+    from klvae.errors import ConfigError, load_user_file
 
     ddconfig = _json_arg("--ddconfig", args.ddconfig) if args.ddconfig else None
     if args.latent_stats is not None:

@@ -38,9 +38,10 @@ from klvae.callbacks import (
     TopKCheckpoint,
 )
 from klvae.data.stats import DataStatsCallback
-from klvae.ddp import PerOptimizerDDPStrategy
-from klvae.run_dir import RunDir
-from klvae.util import ConfigError, instantiate_from_config, to_container
+from klvae.errors import ConfigError
+from klvae.training.ddp import PerOptimizerDDPStrategy
+from klvae.training.run_dir import RunDir
+from klvae.util import instantiate_from_config, to_container
 
 __all__ = ["LIGHTNING_KEYS", "TrainerPlan", "build_trainer", "parse_gpus", "plan_trainer"]
 
@@ -153,7 +154,7 @@ def plan_trainer(
         strategy == "auto" and n_devices * n_nodes > 1
     ):
         # The two updates step disjoint parameter sets: each averages only its own gradients, once per
-        # update (klvae.ddp); no DDP wrapper, so no all-reduce of the idle module's zeros.
+        # update (klvae.training.ddp); no DDP wrapper, so no all-reduce of the idle module's zeros.
         kw["strategy"] = PerOptimizerDDPStrategy()
 
     max_iterations = lightning.get("max_iterations")

@@ -20,8 +20,8 @@ from urllib.parse import urlparse
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from klvae.run_dir import RunDir
-from klvae.util import ConfigError
+from klvae.errors import ConfigError
+from klvae.training.run_dir import RunDir
 
 __all__ = ["LOGGERS", "build_logger", "wandb_mode"]
 

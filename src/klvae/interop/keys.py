@@ -3,7 +3,7 @@
 klvae's network uses LDM's 248 names (CompVis/latent-diffusion). diffusers renames the same tensors; the mapping is a
 bijection for the kl-f8 family (no attention inside the levels, ``embed_dim == z_channels``,
 ``ch_mult[0] == 1``), which :func:`check_diffusers_compatible` enforces. Loading any file into a network
-lives in :mod:`klvae.loading`; this module only renames, reshapes and translates configs.
+lives in :mod:`klvae.interop.formats`; this module only renames, reshapes and translates configs.
 """
 
 from __future__ import annotations
@@ -272,10 +272,8 @@ def check_diffusers_compatible(ddconfig: Mapping[str, Any], embed_dim: int) -> N
         problems.append(
             f"ch_mult[0]={ddconfig['ch_mult'][0]} (diffusers' conv_in outputs block_out_channels[0], so it must be 1)"
         )
-    if not ddconfig.get("double_z", True) or not ddconfig.get("resamp_with_conv", True):
-        problems.append("double_z and resamp_with_conv must be true")
-    if ddconfig.get("tanh_out") or ddconfig.get("give_pre_end"):
-        problems.append("tanh_out / give_pre_end have no diffusers equivalent")
+    if not ddconfig.get("double_z", True):
+        problems.append("double_z must be true")
     if problems:
         raise ValueError("this network cannot be exported to diffusers: " + "; ".join(problems))
 
@@ -329,11 +327,11 @@ def load_vae(
     embed_dim: int | None = None,
     use_ema: bool | None = None,
 ):  # -> KLAutoencoder
-    """Load any supported VAE file or folder strictly; see :func:`klvae.loading.load_vae` (same function).
+    """Load any supported VAE file or folder strictly; see :func:`klvae.interop.formats.load_vae` (same function).
 
-    Kept here so ``from klvae.convert import load_vae`` works; the loader lives in :mod:`klvae.loading`
+    Kept here so ``from klvae.interop.keys import load_vae`` works; the loader lives in :mod:`klvae.interop.formats`
     because it depends on this module's mapping.
     """
-    from klvae.loading import load_vae as _load_vae
+    from klvae.interop.formats import load_vae as _load_vae
 
     return _load_vae(path, ddconfig, embed_dim, use_ema)

@@ -28,7 +28,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from klvae.util import ConfigError, to_container
+from klvae.errors import ConfigError
+from klvae.util import to_container
 
 __all__ = [
     "RunDir",

@@ -20,7 +20,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from klvae.util import is_user_error, one_line
+from klvae.errors import is_user_error, one_line
 
 __all__ = ["build_parser", "main"]
 
@@ -169,12 +169,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.base = [b for b in args.base if b not in overrides]
     args.overrides = overrides + args.overrides
     _configure_logging()
-    from klvae.run_dir import RUN_DIR_ENV
+    from klvae.training.run_dir import RUN_DIR_ENV
 
     _silence_routine_warnings()
     saved_env = os.environ.get(RUN_DIR_ENV)
     try:
-        from klvae.training import prepare, run
+        from klvae.training.launch import prepare, run
 
         try:
             return run(prepare(args))

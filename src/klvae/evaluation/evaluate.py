@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from klvae.metrics import (
+from klvae.evaluation.metrics import (
     FeatureStats,
     frechet_distance,
     inception_features,
@@ -79,7 +79,7 @@ def evaluate(
         vae: an :class:`klvae.inference.InferenceVAE` on ``device``.
         batches: iterable of (images (B, 3, H, W) in [-1, 1], keys).
         lpips_model: VGG-LPIPS (:func:`klvae.modules.perceptual.load_lpips`) or None to skip LPIPS.
-        inception: TF-Inception (:func:`klvae.metrics.load_inception`) or None to skip rFID.
+        inception: TF-Inception (:func:`klvae.evaluation.metrics.load_inception`) or None to skip rFID.
         sample_posterior: decode a posterior sample instead of the mode.
         quantize_output: round reconstructions to 8 bits before scoring (inputs already are).
         keep: how many worst and best reconstructions to keep for the grid.
@@ -131,7 +131,7 @@ def evaluate(
             break
     bar.close()
     if seen == 0:
-        from klvae.util import DataError
+        from klvae.errors import DataError
 
         raise DataError("no images were evaluated: the data source is empty or no file in it could be read")
     m: dict[str, Any] = {"num_images": seen}
@@ -204,7 +204,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from klvae.util import run_tool
+    from klvae.errors import run_tool
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
@@ -212,10 +212,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> None:
-    from klvae.eval_data import image_batches
+    from klvae.errors import ConfigError, load_user_file
+    from klvae.evaluation.data import image_batches
     from klvae.inference import InferenceVAE
     from klvae.modules.perceptual import load_lpips
-    from klvae.util import ConfigError, load_user_file
 
     for name in ("resolution", "batch_size", "grid_k"):
         if getattr(args, name) < 1:
@@ -277,8 +277,10 @@ def _run(args: argparse.Namespace) -> None:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=True) + "\n")
     (out / "per_image.jsonl").write_text("".join(json.dumps(r) + "\n" for r in result.per_image))
     save_grid(result, out / "grid.png")
-    if args.latent_metrics:  # klvae.latent_metrics: latent_metrics.json + latent_spectrum.png in out
-        from klvae.latent_metrics import write_latent_metrics
+    if (
+        args.latent_metrics
+    ):  # klvae.evaluation.latent_metrics: latent_metrics.json + latent_spectrum.png in out
+        from klvae.evaluation.latent_metrics import write_latent_metrics
 
         write_latent_metrics(vae, args.data, args.resolution, args.batch_size, out, args.device, args.limit)
 

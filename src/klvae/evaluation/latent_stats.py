@@ -56,7 +56,7 @@ class LatentStats:
     def result(self) -> dict[str, Any]:
         """``scaling_factor`` (1/std over all values), ``shift_factor`` (mean), and per-channel stats."""
         if self.mean is None or self.n < 2:
-            from klvae.util import DataError
+            from klvae.errors import DataError
 
             raise DataError("latent statistics need at least two latent values; no images were encoded")
         channels = self.mean.shape[0]
@@ -126,7 +126,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from klvae.util import run_tool
+    from klvae.errors import run_tool
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
@@ -134,9 +134,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> None:
-    from klvae.eval_data import image_batches
+    from klvae.errors import ConfigError, load_user_file
+    from klvae.evaluation.data import image_batches
     from klvae.inference import InferenceVAE
-    from klvae.util import ConfigError, load_user_file
 
     for name in ("resolution", "batch_size"):
         if getattr(args, name) < 1:

@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from klvae.latent_stats import LatentStats
-from klvae.metrics import psnr, to_unit
+from klvae.evaluation.latent_stats import LatentStats
+from klvae.evaluation.metrics import psnr, to_unit
 from klvae.modules.equivariance import Transform
 
 __all__ = [
@@ -252,7 +252,7 @@ def write_latent_metrics(
 ) -> dict[str, Any]:
     """``klvae-eval --latent-metrics``: compute on ``data``, write latent_metrics.json and latent_spectrum.png
     into ``out``, log :func:`summary`; returns the result."""
-    from klvae.eval_data import image_batches
+    from klvae.evaluation.data import image_batches
 
     batches = image_batches(data, resolution, batch_size, num_workers)  # bad files skipped and listed
 

@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from klvae.util import ConfigError
+from klvae.errors import ConfigError
 
 __all__ = ["EXPORT_FORMATS", "export_at_end", "training_summary"]
 
@@ -46,8 +46,8 @@ def export_at_end(job: Any, fmt: str) -> Path | None:
         return None
     if fmt not in EXPORT_FORMATS:
         raise ConfigError(f"--export {fmt!r}: choose one of {list(EXPORT_FORMATS)}")
-    from klvae.export import export_diffusers, export_ldm
-    from klvae.loading import read_vae_weights
+    from klvae.interop.export import export_diffusers, export_ldm
+    from klvae.interop.formats import read_vae_weights
 
     source = _source_checkpoint(job)
     if not source.is_file():
@@ -69,8 +69,8 @@ def export_at_end(job: Any, fmt: str) -> Path | None:
 
 def _latent_factors(job: Any, source: Path) -> tuple[float, float] | None:
     """(scaling_factor, shift_factor) of the validation latents, as ``klvae-latent-stats`` measures them."""
+    from klvae.evaluation.latent_stats import compute_latent_stats
     from klvae.inference import InferenceVAE
-    from klvae.latent_stats import compute_latent_stats
 
     loader = job.data.val_dataloader()
     if not loader:

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from klvae.convert import (
+from klvae.interop.files import NETWORK_PREFIXES
+from klvae.interop.keys import (
     ddconfig_from_diffusers_config,
     ddconfig_from_state_dict,
     detect_layout,
@@ -27,7 +28,6 @@ from klvae.convert import (
 )
 from klvae.modules.config import NetworkConfig
 from klvae.modules.vae import KLAutoencoder
-from klvae.state_dict import NETWORK_PREFIXES
 
 __all__ = ["VAEWeights", "build_vae", "load_vae", "read_vae_weights"]
 
@@ -226,9 +226,7 @@ def build_vae(weights: VAEWeights) -> KLAutoencoder:
     Raises:
         ValueError: missing/unexpected keys or shape mismatches, each named.
     """
-    model = KLAutoencoder(
-        weights.ddconfig, weights.embed_dim, weights.use_quant_conv, weights.use_post_quant_conv
-    )
+    model = KLAutoencoder(weights.network)
     own = model.state_dict()
     missing = sorted(set(own) - set(weights.state_dict))
     unexpected = sorted(set(weights.state_dict) - set(own))

@@ -18,7 +18,8 @@ from pytorch_lightning.utilities.model_helpers import is_overridden
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from klvae.callbacks.checkpointing import remove_stale_temp_files
-from klvae.run_dir import (
+from klvae.errors import ConfigError
+from klvae.training.run_dir import (
     RunDir,
     config_diff,
     create_run_dir,
@@ -28,8 +29,8 @@ from klvae.run_dir import (
     slurm_job_tag,
     timestamp,
 )
-from klvae.trainer_setup import TrainerPlan, build_trainer, parse_gpus, plan_trainer
-from klvae.util import ConfigError, instantiate_from_config, load_config, to_container
+from klvae.training.trainer import TrainerPlan, build_trainer, parse_gpus, plan_trainer
+from klvae.util import instantiate_from_config, load_config, to_container
 
 __all__ = ["Job", "prepare", "run", "scale_learning_rate"]
 
@@ -237,7 +238,7 @@ def prepare(args: argparse.Namespace) -> Job:
             saved = save_config(run, config, now)
             rank_zero_only(log.info)(f"run directory {run.root} (config: {saved.name})")
 
-        from klvae.loggers import build_logger
+        from klvae.training.loggers import build_logger
 
         logger = build_logger(args.logger, run, run.root.name, args.project, launch=now)
         try:
@@ -298,7 +299,7 @@ def run(job: Job) -> int:
         code = handler.exit_code if handler is not None else None
         return 128 + 15 if code is None else code
     if args.train:
-        from klvae.summary import export_at_end, training_summary
+        from klvae.training.summary import export_at_end, training_summary
 
         exported = export_at_end(job, args.export) if getattr(args, "export", None) else None
         if trainer.is_global_zero:
