@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_common_args, parse_variant, resolve_common  # noqa: E402
 
+from klvae.modules.config import NetworkConfig  # noqa: E402
 from klvae.modules.vae import KLAutoencoder  # noqa: E402
 from klvae.perf.apply import apply_runtime_optimizations  # noqa: E402
 from klvae.perf.bench import (  # noqa: E402
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         flavours = ["eager", "compiled"] if args.diffusers == "both" else [args.diffusers]
         for flavour in flavours:
             torch._dynamo.reset()
-            vae = build_diffusers_vae(ddconfig, 4).to(device).eval()
+            vae = build_diffusers_vae(NetworkConfig.from_params(ddconfig, 4)).to(device).eval()
             if flavour == "compiled":
                 vae.encoder.compile()
                 vae.decoder.compile()

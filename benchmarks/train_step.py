@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_common_args, batch_loader, parse_variant, resolve_common  # noqa: E402
 
 from klvae.models.autoencoder import AutoencoderKL  # noqa: E402
+from klvae.modules.config import NetworkConfig  # noqa: E402
 from klvae.modules.perceptual import load_lpips  # noqa: E402
 from klvae.perf.bench import (  # noqa: E402
     BackendFlags,
@@ -158,7 +159,7 @@ def bench_diffusers(args: argparse.Namespace, device: torch.device, ddconfig: di
         flags = case_flags(args, device, args.cudnn_benchmark)
         set_backend_flags(flags)
         torch.manual_seed(0)
-        vae = build_diffusers_vae(ddconfig, 4).to(device).train()
+        vae = build_diffusers_vae(NetworkConfig.from_params(ddconfig, 4)).to(device).train()
         lpips_model = load_lpips(args.perceptual_backbone).to(device)
         images = torch.rand(args.batch, 3, args.resolution, args.resolution, device=device) * 2 - 1
         step = diffusers_train_step(vae, lpips_model, images, args.precision, fused)

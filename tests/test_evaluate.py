@@ -15,8 +15,7 @@ from klvae.evaluation.data import image_batches
 from klvae.evaluation.evaluate import evaluate, main
 from klvae.evaluation.metrics import psnr, quantize, ssim, to_unit
 from klvae.inference import InferenceVAE
-from klvae.interop.export import export_ldm
-from klvae.interop.formats import read_vae_weights
+from klvae.interop.formats import read_vae_weights, write_vae
 from klvae.modules.vae import KLAutoencoder
 
 TINY_F2 = dict(
@@ -30,7 +29,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     model = KLAutoencoder.from_ddconfig(TINY_F2, 4)
     torch.save(model.state_dict(), root / "vae.pth")
-    ckpt = export_ldm(read_vae_weights(root / "vae.pth", ddconfig=TINY_F2), root / "vae.safetensors")
+    ckpt = write_vae(read_vae_weights(root / "vae.pth", ddconfig=TINY_F2), root / "vae.safetensors")
     (root / "imgs").mkdir()
     rng = np.random.default_rng(0)
     with tarfile.open(root / "val-000000.tar", "w") as tar:

@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from klvae.inference import InferenceVAE, tiled_apply
-from klvae.interop.export import export_diffusers
-from klvae.interop.formats import read_vae_weights
+from klvae.interop.formats import read_vae_weights, write_vae
 from klvae.modules.vae import KLAutoencoder
 
 TINY_F2 = dict(
@@ -77,9 +76,7 @@ def test_scaled_latents_round_trip(vae: InferenceVAE) -> None:
 def test_from_pretrained_reads_scaling_factor_and_builds_no_training_parts(tmp_path) -> None:
     model = KLAutoencoder.from_ddconfig(TINY_F2, 4)
     torch.save(model.state_dict(), tmp_path / "vae.pth")
-    export_diffusers(
-        read_vae_weights(tmp_path / "vae.pth", ddconfig=TINY_F2), tmp_path / "hf", scaling_factor=0.7
-    )
+    write_vae(read_vae_weights(tmp_path / "vae.pth", ddconfig=TINY_F2), tmp_path / "hf", scaling_factor=0.7)
     code = (
         "import sys, torch; from klvae.inference import InferenceVAE\n"
         f"v = InferenceVAE.from_pretrained({str(tmp_path / 'hf')!r})\n"

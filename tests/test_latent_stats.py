@@ -55,10 +55,9 @@ def test_cli_on_an_image_folder(tmp_path) -> None:
         Image.fromarray(arr).save(tmp_path / "imgs" / f"{i}.png")
     # --mode: statistics of posterior means, so the result is deterministic and checkable.
     ddconfig_file = tmp_path / "vae.safetensors"
-    from klvae.interop.export import export_ldm
-    from klvae.interop.formats import read_vae_weights
+    from klvae.interop.formats import read_vae_weights, write_vae
 
-    export_ldm(read_vae_weights(tmp_path / "vae.pth", ddconfig=TINY_F2), ddconfig_file)
+    write_vae(read_vae_weights(tmp_path / "vae.pth", ddconfig=TINY_F2), ddconfig_file)
     main(
         [
             str(ddconfig_file),

@@ -107,7 +107,7 @@ def test_counted_flops_match_analytic_and_spec_for_kl_f8():
         vae = KLAutoencoder.from_ddconfig(KL_F8_DDCONFIG, 4)
         enc = count_module_flops(lambda x: vae.quant_conv(vae.encoder(x)), torch.empty(1, 3, 256, 256))
         dec = count_module_flops(vae.decode, torch.empty(1, 4, 32, 32))
-    analytic = analytic_codec_flops(KL_F8_DDCONFIG, 4, 256, 256)
+    analytic = analytic_codec_flops(vae.network, 256, 256)
     assert enc == analytic["encoder"] and dec == analytic["decoder"]
     assert (
         abs(enc / 273e9 - 1) < 0.01 and abs(dec / 622e9 - 1) < 0.01

@@ -4,7 +4,7 @@ The public API (imported lazily, so ``import klvae`` is instant)::
 
     from klvae import InferenceVAE, load_vae            # use a VAE: any LDM/SD/SDXL/SD3/FLUX/diffusers file
     from klvae import AutoencoderKL, NetworkConfig      # train one (usually through main.py and a YAML)
-    from klvae import read_vae_weights, export_diffusers, export_ldm   # move weights between formats
+    from klvae import read_vae_weights, write_vae  # move weights between formats (klvae.interop)
     from klvae import load_config, instantiate_from_config             # LDM's config vocabulary
 
 Subpackages by audience: ``modules`` (network and loss, no Lightning), ``models`` (the LightningModule),
@@ -25,8 +25,7 @@ _EXPORTS = {
     "VAEWeights": "klvae.interop.formats",
     "load_vae": "klvae.interop.formats",
     "read_vae_weights": "klvae.interop.formats",
-    "export_diffusers": "klvae.interop.export",
-    "export_ldm": "klvae.interop.export",
+    "write_vae": "klvae.interop.formats",
     "ImageFolderDataModule": "klvae.data.folder",
     "WebDataModule": "klvae.data.webdataset_module",
     "instantiate_from_config": "klvae.util",

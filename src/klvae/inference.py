@@ -114,7 +114,6 @@ class InferenceVAE(nn.Module):
         cls,
         path: str | Path,
         ddconfig: Mapping[str, Any] | None = None,
-        embed_dim: int | None = None,
         use_ema: bool | None = None,
         scaling_factor: float | None = None,
         shift_factor: float | None = None,
@@ -126,7 +125,7 @@ class InferenceVAE(nn.Module):
         ``scaling_factor``/``shift_factor`` default to what the source records (diffusers config, export).
         ``dtype`` bfloat16 halves memory; float16 can overflow in this network.
         """
-        weights = read_vae_weights(path, ddconfig, embed_dim, use_ema)
+        weights = read_vae_weights(path, ddconfig, use_ema)
         vae = cls(
             build_vae(weights),
             scaling_factor if scaling_factor is not None else weights.scaling_factor,

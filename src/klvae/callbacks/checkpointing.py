@@ -24,6 +24,8 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
+from klvae.interop.files import load_torch_file
+
 __all__ = [
     "AtomicCheckpointIO",
     "IterationCheckpoint",
@@ -160,8 +162,8 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
     if recorded and sha256_of(path) not in recorded:
         return f"its SHA-256 does not match {_checksum_path(path).name} (the file was damaged after writing)"
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
+        ckpt = load_torch_file(path, mmap=True)
+    except ValueError as e:
         return f"cannot be loaded ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
     state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
@@ -181,13 +183,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise ValueError(
-            f"checkpoint {str(path)!r} cannot be loaded with torch.load(weights_only=True): {e}. "
-            "It is truncated or holds pickled Python objects; re-save it with plain containers."
-        ) from e
+    return load_torch_file(path, map_location=map_location)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

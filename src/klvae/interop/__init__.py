@@ -8,8 +8,7 @@ _EXPORTS = {
     "VAEWeights": "klvae.interop.formats",
     "load_vae": "klvae.interop.formats",
     "read_vae_weights": "klvae.interop.formats",
-    "export_diffusers": "klvae.interop.export",
-    "export_ldm": "klvae.interop.export",
+    "write_vae": "klvae.interop.formats",
 }
 __all__ = list(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

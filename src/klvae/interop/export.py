@@ -1,14 +1,18 @@
 """Export a VAE (usually a klvae run checkpoint, EMA weights preferred) for the tools that consume it.
 
-* ``--format ldm``: an LDM-layout ``.safetensors`` (flat keys ``encoder.*`` ...) or ``.ckpt``
-  (``{"state_dict": ...}``, what LDM/SD's ``AutoencoderKL.init_from_ckpt`` reads via ``first_stage_config``).
-* ``--format diffusers``: a folder with ``config.json`` (built here, offline) and
+The format follows from ``--out`` (or ``--format``, a :data:`klvae.interop.formats.FORMATS` name):
+
+* ``my-vae.safetensors`` (``ldm-safetensors``): LDM-layout flat keys ``encoder.*`` ..., what SD/SDXL/FLUX.1
+  single-file loaders and ``diffusers.AutoencoderKL.from_single_file`` read.
+* ``my-vae.ckpt`` (``ldm-ckpt``): ``{"state_dict": ...}``, what LDM/SD's ``AutoencoderKL.init_from_ckpt`` reads
+  via ``first_stage_config``.
+* ``my-vae/`` (``diffusers``): a folder with ``config.json`` (built here, offline) and
   ``diffusion_pytorch_model.safetensors`` that ``diffusers.AutoencoderKL.from_pretrained`` loads.
 
 Usage::
 
-    klvae-export logs/run/checkpoints/last.ckpt --format diffusers --out my-vae --latent-stats stats.json
-    klvae-export logs/run/checkpoints/last.ckpt --format ldm --out my-vae.safetensors
+    klvae-export logs/run/checkpoints/last.ckpt --out my-vae --latent-stats stats.json
+    klvae-export logs/run/checkpoints/last.ckpt --out my-vae.safetensors
 """
 
 from __future__ import annotations
@@ -19,105 +23,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
+from klvae.interop.formats import FORMATS, VAEWeights, format_for_path, read_vae_weights, write_vae
 
-from klvae.interop.formats import EXPORT_META_KEY, VAEWeights, read_vae_weights
-from klvae.interop.keys import diffusers_config_from_ddconfig, ldm_to_diffusers
-
-__all__ = ["export_diffusers", "export_ldm", "main", "resolve_latent_factors"]
+__all__ = ["main", "resolve_latent_factors"]
 
 log = logging.getLogger(__name__)
 
 SD_SCALING_FACTOR = 0.18215
-
-
-def _contiguous(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # safetensors refuses views and shared storage; fp32 unless the caller converted on purpose.
-    return {k: v.detach().contiguous().clone() for k, v in state_dict.items()}
-
-
-def _export_meta(
-    weights: VAEWeights, scaling_factor: float | None, shift_factor: float | None
-) -> dict[str, Any]:
-    return {
-        "format": 1,
-        "ddconfig": weights.ddconfig,
-        "embed_dim": weights.embed_dim,
-        "use_quant_conv": weights.use_quant_conv,
-        "use_post_quant_conv": weights.use_post_quant_conv,
-        "scaling_factor": scaling_factor,
-        "shift_factor": shift_factor,
-        "source_format": weights.source_format,
-        "ema": weights.used_ema,
-    }
-
-
-def export_ldm(
-    weights: VAEWeights,
-    out: str | Path,
-    scaling_factor: float | None = None,
-    shift_factor: float | None = None,
-    prefix: str = "",
-) -> Path:
-    """Write LDM-layout weights to ``out`` (``.safetensors`` or ``.ckpt``).
-
-    Args:
-        weights: network weights (from :func:`klvae.interop.formats.read_vae_weights`).
-        out: target file; the suffix picks the container.
-        scaling_factor: recorded in the metadata (LDM itself keeps it in the diffusion model's config).
-        shift_factor: recorded in the metadata.
-        prefix: key prefix, e.g. ``"first_stage_model."`` to splice into a full SD checkpoint.
-
-    Returns:
-        The written path.
-    """
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    state = {prefix + k: v for k, v in _contiguous(weights.state_dict).items()}
-    meta = _export_meta(weights, scaling_factor, shift_factor)
-    if out.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        save_file(state, str(out), metadata={EXPORT_META_KEY: json.dumps(meta)})
-    elif out.suffix in (".ckpt", ".pth", ".pt"):
-        # Plain containers only, so torch.load(weights_only=True) reads it back.
-        torch.save({"state_dict": state, EXPORT_META_KEY: meta}, out)
-    else:
-        raise ValueError(f"--out {str(out)!r}: use a .safetensors or .ckpt file name for the ldm format")
-    log.info("wrote %d LDM-layout tensors to %s", len(state), out)
-    return out
-
-
-def export_diffusers(
-    weights: VAEWeights, folder: str | Path, scaling_factor: float, shift_factor: float | None = None
-) -> Path:
-    """Write a diffusers ``AutoencoderKL`` folder: ``config.json`` + ``diffusion_pytorch_model.safetensors``.
-
-    Raises:
-        ValueError: the network has no diffusers equivalent (see :func:`klvae.interop.keys.check_diffusers_compatible`).
-    """
-    from safetensors.torch import save_file
-
-    config = diffusers_config_from_ddconfig(
-        weights.ddconfig,
-        weights.embed_dim,
-        scaling_factor,
-        shift_factor,
-        use_quant_conv=weights.use_quant_conv,
-        use_post_quant_conv=weights.use_post_quant_conv,
-    )
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = _contiguous(ldm_to_diffusers(weights.state_dict))
-    save_file(state, str(folder / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    log.info(
-        "wrote diffusers AutoencoderKL (%d tensors, scaling_factor=%g) to %s",
-        len(state),
-        scaling_factor,
-        folder,
-    )
-    return folder
 
 
 def resolve_latent_factors(
@@ -149,8 +61,15 @@ def _parser() -> argparse.ArgumentParser:
         prog="klvae-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("checkpoint", help="klvae run checkpoint, LDM/SD .ckpt, .safetensors or diffusers folder")
-    p.add_argument("--format", choices=("ldm", "diffusers"), required=True, help="target layout")
-    p.add_argument("--out", required=True, help="output file (ldm: .safetensors/.ckpt) or folder (diffusers)")
+    writable = [name for name, fmt in FORMATS.items() if fmt.writable]
+    p.add_argument(
+        "--format",
+        choices=("ldm", *writable),
+        default=None,
+        help="target format (default: from --out: .safetensors/.ckpt → LDM layout, a folder → diffusers); "
+        "'ldm' picks the container from the suffix",
+    )
+    p.add_argument("--out", required=True, help="output file (LDM: .safetensors/.ckpt) or folder (diffusers)")
     p.add_argument("--scaling-factor", type=float, default=None, help="latent scale (1/std of latents)")
     p.add_argument(
         "--shift-factor", type=float, default=None, help="latent shift (mean), written to config.json"
@@ -216,16 +135,22 @@ def _run(args: argparse.Namespace) -> None:
     scale, shift = resolve_latent_factors(
         weights, args.scaling_factor, args.shift_factor, args.latent_stats, args.with_shift
     )
-    if args.format == "diffusers":
-        if scale is None:
-            raise ConfigError(
-                "the diffusers config needs scaling_factor. Compute it with klvae-latent-stats and "
-                f"pass --latent-stats stats.json, or pass --scaling-factor ({SD_SCALING_FACTOR} is right only for "
-                "SD's VAE and decoder-only fine-tunes of it)."
-            )
-        export_diffusers(weights, args.out, scale, shift)
-    else:
-        export_ldm(weights, args.out, scale, shift, prefix=args.prefix)
+    out = Path(args.out)
+    fmt = load_user_file(
+        f"--out {args.out}",
+        lambda: format_for_path(out) if args.format in (None, "ldm") else args.format,
+    )
+    if args.format == "ldm" and fmt == "diffusers":
+        raise ConfigError(f"--format ldm: name a .safetensors or .ckpt file, got --out {args.out!r}")
+    if fmt == "diffusers" and scale is None:
+        raise ConfigError(
+            "the diffusers config needs scaling_factor. Compute it with klvae-latent-stats and "
+            f"pass --latent-stats stats.json, or pass --scaling-factor ({SD_SCALING_FACTOR} is right only for "
+            "SD's VAE and decoder-only fine-tunes of it)."
+        )
+    load_user_file(
+        f"--out {args.out}", lambda: write_vae(weights, out, fmt, scale, shift, prefix=args.prefix)
+    )
     log.info(
         "exported %s weights%s from %s -> %s (scaling_factor=%s, shift_factor=%s)",
         weights.source_format, " (EMA)" if weights.used_ema else "", args.checkpoint, args.out, scale, shift,

@@ -1,57 +1,167 @@
-"""Reading LDM/SD-layout weights from disk, safely (``weights_only`` / safetensors, never pickle)."""
+"""The one reader (and writer) of weight files: ``.ckpt``/``.pth``/``.pt``/``.bin`` and ``.safetensors``.
+
+Warm start, inference, export, evaluation, resume and the LPIPS/FID weight files all open files here, so
+every unreadable file gives the same error naming it, and nothing is ever unpickled beyond tensors and plain
+containers (``torch.load(weights_only=True)``; safetensors cannot hold code at all). Writes go to a temporary
+file that replaces the target only once complete, so an interrupted export never leaves half a file.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+import os
+import tempfile
+import zipfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
-__all__ = ["FIRST_STAGE_PREFIX", "NETWORK_PREFIXES", "read_state_dict", "select_first_stage"]
+__all__ = [
+    "SAFETENSORS_SUFFIX",
+    "TensorFile",
+    "load_torch_file",
+    "read_tensor_file",
+    "save_safetensors",
+    "save_torch_file",
+    "write_atomically",
+]
 
-FIRST_STAGE_PREFIX = "first_stage_model."
-NETWORK_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+SAFETENSORS_SUFFIX = ".safetensors"
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Load a state dict from ``.safetensors`` or a torch file (bare dict or Lightning checkpoint).
+def load_torch_file(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False) -> Any:
+    """``torch.load`` restricted to tensors and plain containers (``weights_only=True``).
+
+    Args:
+        path: a file written by ``torch.save``.
+        map_location: as ``torch.load``'s.
+        mmap: memory-map the tensors instead of reading them (cheap for a look at a multi-GB checkpoint);
+            ignored for files in torch's legacy (pre-1.6, non-zip) format, which cannot be mapped.
 
     Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: the file holds no tensor mapping, or needs unsafe unpickling.
+        FileNotFoundError: nothing at ``path``.
+        ValueError: truncated, not a torch file, or holding pickled Python objects.
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        raise FileNotFoundError(f"{str(path)!r} does not exist")
+    try:
+        return torch.load(
+            path, map_location=map_location, weights_only=True, mmap=mmap and zipfile.is_zipfile(path)
+        )
+    except Exception as e:  # UnpicklingError under weights_only, truncated zip, not a torch file at all
+        raise ValueError(
+            f"{path} cannot be loaded with torch.load(weights_only=True) ({type(e).__name__}: "
+            f"{' '.join(str(e).split())[:300]}). It is truncated, not a torch file, or holds pickled Python "
+            "objects: re-save it as a plain state dict or .safetensors from a trusted environment."
+        ) from e
+
+
+@dataclass
+class TensorFile:
+    """What a weight file holds.
+
+    Attributes:
+        path: the file.
+        tensors: its state dict (a Lightning checkpoint's ``state_dict``), names → tensors.
+        metadata: everything else: a checkpoint's other top-level entries (``hyper_parameters``,
+            ``klvae_export`` ...), or a ``.safetensors`` header's metadata (values that are JSON objects
+            decoded).
+    """
+
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_safetensors(self) -> bool:
+        return self.path.suffix == SAFETENSORS_SUFFIX
+
+
+def _decode(value: str) -> Any:
+    if value.startswith("{"):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            pass
+    return value
+
+
+def read_tensor_file(path: str | os.PathLike) -> TensorFile:
+    """Read a state dict and its metadata from ``.safetensors`` or a torch file (bare or a checkpoint).
+
+    Raises:
+        FileNotFoundError: nothing at ``path``.
+        ValueError: unreadable (see :func:`load_torch_file`), or no mapping of names to tensors inside.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} does not exist")
+    if path.suffix == SAFETENSORS_SUFFIX:
+        from safetensors import safe_open
 
         try:
-            return load_file(str(path), device="cpu")
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                metadata = {k: _decode(v) for k, v in (f.metadata() or {}).items()}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
         except Exception as e:  # SafetensorError: truncated header, bad JSON, cut-off data
             raise ValueError(f"{path} is not a readable .safetensors file ({type(e).__name__}: {e})") from e
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle.UnpicklingError under weights_only: arbitrary objects inside
-        raise ValueError(
-            f"{path} cannot be loaded with torch.load(weights_only=True) ({type(e).__name__}: {e}). "
-            "Re-save it as a plain state dict or .safetensors from a trusted environment."
-        ) from e
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        return TensorFile(path, tensors, metadata)
+    obj = load_torch_file(path, mmap=True)
+    metadata: dict[str, Any] = {}
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), Mapping):
+        metadata = {k: v for k, v in obj.items() if k != "state_dict"}
         obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{path} does not contain a state dict (a mapping of names to tensors)")
-    return obj
+    return TensorFile(path, dict(obj), metadata)
 
 
-def select_first_stage(
-    state_dict: dict[str, torch.Tensor], ignore_keys: Iterable[str] = ()
-) -> dict[str, torch.Tensor]:
-    """Strip SD's ``first_stage_model.`` prefix (keeping only those keys when present) and drop keys that
-    start with any of ``ignore_keys``."""
-    if any(k.startswith(FIRST_STAGE_PREFIX) for k in state_dict):
-        state_dict = {
-            k[len(FIRST_STAGE_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(FIRST_STAGE_PREFIX)
-        }
-    ignore = tuple(ignore_keys)
-    return {k: v for k, v in state_dict.items() if not (ignore and k.startswith(ignore))}
+def write_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then move it over ``path`` in one step.
+
+    A reader (or a crash) sees the old file or the complete new one, never a partial write.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _plain(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses views and shared storage; a clone also detaches from any live model.
+    return {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+
+
+def save_safetensors(
+    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, Any] | None = None
+) -> Path:
+    """Write ``.safetensors`` atomically; metadata values that are not strings are stored as JSON."""
+    from safetensors.torch import save_file
+
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    return write_atomically(path, lambda tmp: save_file(_plain(tensors), str(tmp), metadata=meta))
+
+
+def save_torch_file(
+    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, Any] | None = None
+) -> Path:
+    """Write ``{"state_dict": tensors, **metadata}`` with ``torch.save``, atomically.
+
+    Metadata must be plain containers so that :func:`load_torch_file` (``weights_only``) reads it back.
+    """
+    obj = {"state_dict": _plain(tensors), **(metadata or {})}
+    return write_atomically(path, lambda tmp: torch.save(obj, tmp))

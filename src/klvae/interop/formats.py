@@ -1,9 +1,21 @@
-"""Load a VAE from any published layout into klvae's network, strictly and without unsafe unpickling.
+"""The VAE file formats klvae reads and writes, in one registry, and the loader built on it.
 
-Accepted: an LDM/SD ``.ckpt`` (Lightning checkpoint or bare dict, with or without ``first_stage_model.``),
-a klvae run checkpoint (EMA weights preferred), a file written by ``klvae-export``, a diffusers VAE folder
-(``config.json`` + ``diffusion_pytorch_model.safetensors``/``.bin``, or a pipeline folder with ``vae/``),
-and a ``.safetensors`` file in either key layout.
+=================== ============================================================ ==============
+name                what                                                         written by
+=================== ============================================================ ==============
+``diffusers``       diffusers ``AutoencoderKL`` folder (``config.json`` + weights;  ``klvae-export``
+                    a pipeline folder's ``vae/``), or a diffusers-layout file
+``klvae-run``       a klvae training checkpoint (EMA weights preferred)          training
+``ldm-safetensors`` LDM-layout ``.safetensors``: bare (SDXL's ``sdxl_vae``,        ``klvae-export``
+                    FLUX.1's ``ae.safetensors``) or a full SD/SD3 checkpoint
+``ldm-ckpt``        LDM/SD ``.ckpt``/``.pth``/``.bin``: Lightning checkpoint or     ``klvae-export``
+                    bare dict, with or without ``first_stage_model.``
+=================== ============================================================ ==============
+
+Every format reads into :class:`VAEWeights` (LDM-layout tensors + the :class:`~klvae.modules.config.NetworkConfig`
+they belong to), which warm start (``ckpt_path``), :class:`klvae.inference.InferenceVAE`, export and evaluation
+all consume. To add a format, subclass :class:`VAEFormat` and add an instance to :data:`FORMATS`; the loader and
+``klvae-export --format`` pick it up.
 """
 
 from __future__ import annotations
@@ -11,36 +23,56 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from klvae.interop.files import NETWORK_PREFIXES
+from klvae.interop.configs import diffusers_config, network_from_diffusers_config, network_from_state_dict
+from klvae.interop.files import (
+    SAFETENSORS_SUFFIX,
+    TensorFile,
+    read_tensor_file,
+    save_safetensors,
+    save_torch_file,
+    write_atomically,
+)
 from klvae.interop.keys import (
-    ddconfig_from_diffusers_config,
-    ddconfig_from_state_dict,
-    detect_layout,
+    EMA_PREFIX,
+    LOSS_PREFIX,
     diffusers_to_ldm,
-    embed_dim_from_state_dict,
-    quant_convs_in_state_dict,
+    is_diffusers_layout,
+    is_ldm_layout,
+    ldm_to_diffusers,
+    network_tensors,
+    strip_first_stage,
 )
 from klvae.modules.config import NetworkConfig
 from klvae.modules.vae import KLAutoencoder
 
-__all__ = ["VAEWeights", "build_vae", "load_vae", "read_vae_weights"]
+__all__ = [
+    "FORMATS",
+    "VAEFormat",
+    "VAEWeights",
+    "build_vae",
+    "detect_format",
+    "load_vae",
+    "read_vae_weights",
+    "write_vae",
+]
 
 log = logging.getLogger(__name__)
 
+# Metadata key of files klvae-export writes: network config and latent factors (a dict in a .ckpt, JSON in
+# .safetensors metadata), so the file loads with its exact network and factors.
+EXPORT_META_KEY = "klvae_export"
 DIFFUSERS_WEIGHT_NAMES = (
     "diffusion_pytorch_model.safetensors",
     "diffusion_pytorch_model.bin",
     "diffusion_pytorch_model.fp16.safetensors",
     "diffusion_pytorch_model.fp16.bin",
 )
-# Keys of klvae-export metadata (safetensors metadata are strings; .ckpt stores the dict itself).
-EXPORT_META_KEY = "klvae_export"
 
 
 @dataclass
@@ -48,180 +80,386 @@ class VAEWeights:
     """Network weights in LDM layout plus what is known about them.
 
     Attributes:
-        state_dict: the 248-style network keys (``encoder.*``, ``decoder.*``, ``quant_conv.*``, ``post_quant_conv.*``).
-        ddconfig: LDM network config (from the file's metadata, a diffusers config, or tensor shapes).
-        embed_dim: posterior channels.
-        source_format: ``"ldm"``, ``"sd"``, ``"klvae"``, ``"klvae-export"`` or ``"diffusers"``.
+        state_dict: the network's tensors (``encoder.*``, ``decoder.*``, ``quant_conv.*``, ``post_quant_conv.*``).
+        network: the network they belong to (recorded in the file, or read from the tensors' shapes).
+        source_format: the :data:`FORMATS` name it was read from.
         scaling_factor: latent scale factor when the source records one (diffusers config, export), else None.
         shift_factor: latent shift when recorded, else None.
         used_ema: whether EMA weights were taken from a run checkpoint.
-        use_quant_conv: the file has ``quant_conv.*`` (False for SD3/FLUX.1 VAEs).
-        use_post_quant_conv: the file has ``post_quant_conv.*``.
+        loss_state_dict: ``loss.*`` tensors (discriminator, logvar) of an LDM/klvae training checkpoint, for
+            warm starts that continue the GAN; empty otherwise.
     """
 
     state_dict: dict[str, torch.Tensor]
-    ddconfig: dict[str, Any]
-    embed_dim: int
+    network: NetworkConfig
     source_format: str
     scaling_factor: float | None = None
     shift_factor: float | None = None
     used_ema: bool = False
-    use_quant_conv: bool = True
-    use_post_quant_conv: bool = True
+    loss_state_dict: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class Source:
+    """A file or folder opened once: its tensors and metadata, plus a diffusers folder's ``config.json``."""
+
+    path: Path  # what the user gave
+    file: TensorFile
+    diffusers_config: dict[str, Any] | None = None
 
     @property
-    def network(self) -> NetworkConfig:
-        """The typed, validated network these weights belong to."""
-        return NetworkConfig.from_params(
-            self.ddconfig, self.embed_dim, self.use_quant_conv, self.use_post_quant_conv
-        )
+    def keys(self) -> list[str]:
+        return list(self.file.tensors)
 
 
-def _torch_load(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError under weights_only: arbitrary Python objects inside
-        raise ValueError(
-            f"{path} cannot be loaded with torch.load(weights_only=True) ({type(e).__name__}: {e}). "
-            "Re-save it as a plain state dict or .safetensors from a trusted environment."
-        ) from e
+@dataclass
+class Contents:
+    """What a format read: network tensors (LDM layout) and what the file records about them."""
+
+    state_dict: dict[str, torch.Tensor]
+    recorded: NetworkConfig | None = None  # None: read from the shapes
+    scaling_factor: float | None = None
+    shift_factor: float | None = None
+    used_ema: bool = False
+    loss_state_dict: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensors, metadata) of a .safetensors or torch file; metadata holds hyper_parameters / export info."""
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-        from safetensors.torch import load_file
+class VAEFormat:
+    """One file format: how to recognise it, read it and (when ``writable``) write it."""
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-        if EXPORT_META_KEY in meta:
-            meta[EXPORT_META_KEY] = json.loads(meta[EXPORT_META_KEY])
-        return load_file(str(path), device="cpu"), meta
-    obj = _torch_load(path)
-    meta: dict[str, Any] = {}
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        for key in ("hyper_parameters", EXPORT_META_KEY):
-            if isinstance(obj.get(key), dict):
-                meta[key] = obj[key]
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path} does not contain a state dict (a mapping of names to tensors)")
-    return obj, meta
+    name: ClassVar[str]
+    description: ClassVar[str]
+    writable: ClassVar[bool] = False
+
+    def detect(self, source: Source) -> bool:
+        """Whether ``source`` is in this format (formats are tried in :data:`FORMATS` order)."""
+        raise NotImplementedError
+
+    def read(self, source: Source, use_ema: bool | None) -> Contents:
+        raise NotImplementedError
+
+    def write(
+        self,
+        weights: VAEWeights,
+        out: Path,
+        scaling_factor: float | None,
+        shift_factor: float | None,
+        prefix: str = "",
+    ) -> Path:
+        raise ValueError(f"format {self.name!r} cannot be written")
 
 
-def _network_only(state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+def _export_meta(
+    weights: VAEWeights, scaling_factor: float | None, shift_factor: float | None
+) -> dict[str, Any]:
+    network = weights.network
     return {
-        k[len(prefix) :]: v
-        for k, v in state_dict.items()
-        if k.startswith(prefix) and k[len(prefix) :].startswith(NETWORK_PREFIXES)
+        "format": 1,
+        "ddconfig": network.ddconfig(),
+        "embed_dim": network.embed_dim,
+        "use_quant_conv": network.use_quant_conv,
+        "use_post_quant_conv": network.use_post_quant_conv,
+        "scaling_factor": scaling_factor,
+        "shift_factor": shift_factor,
+        "source_format": weights.source_format,
+        "ema": weights.used_ema,
     }
 
 
-def _resolve_folder(folder: Path) -> tuple[Path, Path]:
+def _read_ldm_layout(source: Source) -> Contents:
+    """Network and loss tensors of an LDM-layout file, with what a klvae export records."""
+    state = strip_first_stage(source.file.tensors)
+    contents = Contents(network_tensors(state), loss_state_dict=_loss_tensors(state))
+    meta = source.file.metadata.get(EXPORT_META_KEY)
+    if isinstance(meta, Mapping):
+        contents.recorded = NetworkConfig.from_params(
+            meta["ddconfig"],
+            meta["embed_dim"],
+            meta.get("use_quant_conv", True),
+            meta.get("use_post_quant_conv", True),
+        )
+        contents.scaling_factor, contents.shift_factor = meta.get("scaling_factor"), meta.get("shift_factor")
+    return contents
+
+
+def _loss_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state.items() if k.startswith(LOSS_PREFIX)}
+
+
+class DiffusersFormat(VAEFormat):
+    name = "diffusers"
+    description = (
+        "diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.*), or its weights file"
+    )
+    writable = True
+
+    def detect(self, source: Source) -> bool:
+        return source.diffusers_config is not None or is_diffusers_layout(source.keys)
+
+    def read(self, source: Source, use_ema: bool | None) -> Contents:
+        contents = Contents(diffusers_to_ldm(source.file.tensors))
+        config = source.diffusers_config
+        if config is not None:
+            contents.recorded = network_from_diffusers_config(config)
+            contents.scaling_factor, contents.shift_factor = (
+                config.get("scaling_factor"),
+                config.get("shift_factor"),
+            )
+        return contents
+
+    def write(
+        self,
+        weights: VAEWeights,
+        out: Path,
+        scaling_factor: float | None,
+        shift_factor: float | None,
+        prefix: str = "",
+    ) -> Path:
+        if scaling_factor is None:
+            raise ValueError(
+                "a diffusers config.json needs scaling_factor (measure it with klvae-latent-stats)"
+            )
+        config = diffusers_config(weights.network, scaling_factor, shift_factor)
+        out.mkdir(parents=True, exist_ok=True)
+        save_safetensors(
+            ldm_to_diffusers(weights.state_dict), out / DIFFUSERS_WEIGHT_NAMES[0], {"format": "pt"}
+        )
+        write_atomically(out / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
+        return out
+
+
+class KlvaeRunFormat(VAEFormat):
+    name = "klvae-run"
+    description = "klvae training checkpoint (last.ckpt, iter_*.ckpt, best): EMA weights when it has them"
+
+    def detect(self, source: Source) -> bool:
+        # Training records its progress under "klvae"; an EMA copy of the network exists only in klvae runs.
+        return not source.file.is_safetensors and (
+            "klvae" in source.file.metadata or any(k.startswith(EMA_PREFIX) for k in source.keys)
+        )
+
+    def read(self, source: Source, use_ema: bool | None) -> Contents:
+        tensors = source.file.tensors
+        has_ema = any(k.startswith(EMA_PREFIX) for k in tensors)
+        if use_ema and not has_ema:
+            raise ValueError(
+                f"{source.path} has no EMA weights (no 'ema.*' keys); load it with use_ema=False"
+            )
+        used_ema = bool(has_ema and use_ema is not False)
+        contents = Contents(
+            network_tensors(tensors, EMA_PREFIX if used_ema else ""),
+            used_ema=used_ema,
+            loss_state_dict=_loss_tensors(tensors),
+        )
+        hparams = source.file.metadata.get("hyper_parameters") or {}
+        if hparams.get("ddconfig") is not None:
+            contents.recorded = network_from_state_dict(contents.state_dict, ddconfig=hparams["ddconfig"])
+        return contents
+
+
+class LdmSafetensorsFormat(VAEFormat):
+    name = "ldm-safetensors"
+    description = "LDM-layout .safetensors: bare VAE (SDXL sdxl_vae, FLUX.1 ae) or full SD/SD3 checkpoint"
+    writable = True
+    suffixes = (SAFETENSORS_SUFFIX,)
+
+    def detect(self, source: Source) -> bool:
+        return source.file.is_safetensors and is_ldm_layout(source.keys)
+
+    def read(self, source: Source, use_ema: bool | None) -> Contents:
+        return _read_ldm_layout(source)
+
+    def write(
+        self,
+        weights: VAEWeights,
+        out: Path,
+        scaling_factor: float | None,
+        shift_factor: float | None,
+        prefix: str = "",
+    ) -> Path:
+        state = {prefix + k: v for k, v in weights.state_dict.items()}
+        return save_safetensors(
+            state, out, {EXPORT_META_KEY: _export_meta(weights, scaling_factor, shift_factor)}
+        )
+
+
+class LdmCkptFormat(VAEFormat):
+    name = "ldm-ckpt"
+    description = "LDM/SD torch checkpoint (.ckpt/.pth/.pt/.bin), {'state_dict': ...} or bare, any prefix"
+    writable = True
+    suffixes = (".ckpt", ".pth", ".pt", ".bin")
+
+    def detect(self, source: Source) -> bool:
+        return not source.file.is_safetensors and is_ldm_layout(source.keys)
+
+    def read(self, source: Source, use_ema: bool | None) -> Contents:
+        return _read_ldm_layout(source)
+
+    def write(
+        self,
+        weights: VAEWeights,
+        out: Path,
+        scaling_factor: float | None,
+        shift_factor: float | None,
+        prefix: str = "",
+    ) -> Path:
+        # {"state_dict": ...} is what LDM's AutoencoderKL.init_from_ckpt reads; plain containers only.
+        state = {prefix + k: v for k, v in weights.state_dict.items()}
+        return save_torch_file(
+            state, out, {EXPORT_META_KEY: _export_meta(weights, scaling_factor, shift_factor)}
+        )
+
+
+# Tried in this order: a folder or diffusers names first, then a klvae run (it records itself), then LDM layout.
+FORMATS: dict[str, VAEFormat] = {
+    f.name: f for f in (DiffusersFormat(), KlvaeRunFormat(), LdmSafetensorsFormat(), LdmCkptFormat())
+}
+
+
+def _open(path: Path) -> Source:
+    if not path.is_dir():
+        return Source(path, read_tensor_file(path))
+    folder = path
     if not (folder / "config.json").is_file() and (folder / "vae" / "config.json").is_file():
         folder = folder / "vae"  # a full diffusers pipeline folder
     config = folder / "config.json"
     if not config.is_file():
-        raise FileNotFoundError(f"{folder} is a folder without config.json: not a diffusers VAE folder")
-    for name in DIFFUSERS_WEIGHT_NAMES:
-        if (folder / name).is_file():
-            return config, folder / name
-    raise FileNotFoundError(f"{folder} has config.json but none of {list(DIFFUSERS_WEIGHT_NAMES)}")
+        raise FileNotFoundError(f"{path} is a folder without config.json: not a diffusers VAE folder")
+    weights = next((folder / n for n in DIFFUSERS_WEIGHT_NAMES if (folder / n).is_file()), None)
+    if weights is None:
+        raise FileNotFoundError(f"{folder} has config.json but none of {list(DIFFUSERS_WEIGHT_NAMES)}")
+    try:
+        diffusers_config = json.loads(config.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config} is not valid JSON ({e})") from None
+    return Source(path, read_tensor_file(weights), diffusers_config)
+
+
+def detect_format(source: Source) -> VAEFormat:
+    """The first :data:`FORMATS` entry that recognises ``source``.
+
+    Raises:
+        ValueError: none does (the message lists a few keys and the formats tried).
+    """
+    for fmt in FORMATS.values():
+        if fmt.detect(source):
+            return fmt
+    keys = source.keys
+    raise ValueError(
+        f"{source.path}: unrecognised VAE file ({len(keys)} tensors, e.g. {keys[:4]}). klvae reads: "
+        + "; ".join(f"{f.name} ({f.description})" for f in FORMATS.values())
+    )
 
 
 def read_vae_weights(
-    path: str | Path,
-    ddconfig: Mapping[str, Any] | None = None,
-    embed_dim: int | None = None,
-    use_ema: bool | None = None,
+    path: str | Path, ddconfig: Mapping[str, Any] | None = None, use_ema: bool | None = None
 ) -> VAEWeights:
-    """Read VAE weights from any supported file or folder and convert them to LDM layout.
+    """Read VAE weights from any :data:`FORMATS` file or folder, in LDM layout.
 
     Args:
-        path: file (``.ckpt``/``.pth``/``.bin``/``.safetensors``) or diffusers folder.
-        ddconfig: network config; overrides what the file says or shapes imply (needed only for
-            bare state dicts whose widths are not multiples of 32, or non-256 nominal resolution).
-        embed_dim: posterior channels; inferred when None.
+        path: a file (``.ckpt``/``.pth``/``.bin``/``.safetensors``) or a diffusers folder.
+        ddconfig: LDM network config overriding what the file records or its shapes imply (needed only for
+            bare state dicts whose widths are not multiples of 32, or a nominal resolution other than 256).
         use_ema: for run checkpoints with ``ema.*`` weights: None takes them when present, True requires
             them, False takes the live weights.
 
     Raises:
         FileNotFoundError: nothing at ``path``.
-        ValueError: unknown layout, unsafe pickle, EMA requested but absent, or config inference failed.
+        ValueError: unknown format, unsafe pickle, EMA requested but absent, a record that contradicts the
+            tensors, or the network cannot be inferred.
     """
     path = Path(path).expanduser()
-    diffusers_config = None
-    if path.is_dir():
-        config_path, path = _resolve_folder(path)
-        diffusers_config = json.loads(config_path.read_text())
-    elif not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"VAE checkpoint {str(path)!r} does not exist")
-    raw, meta = _read_file(path)
-    layout = detect_layout(raw)
-    used_ema = False
-    scaling = shift = None
-    meta_ddconfig, meta_embed = None, None
-
-    if layout == "diffusers":
-        state = diffusers_to_ldm(raw)
-        if diffusers_config is not None:
-            meta_ddconfig, meta_embed = ddconfig_from_diffusers_config(diffusers_config)
-            scaling, shift = diffusers_config.get("scaling_factor"), diffusers_config.get("shift_factor")
-    elif layout == "sd":
-        state = _network_only(raw, "first_stage_model.")
-    else:
-        has_ema = any(k.startswith("ema.") for k in raw)
-        if use_ema and not has_ema:
-            raise ValueError(f"{path} has no EMA weights (no 'ema.*' keys); load it with use_ema=False")
-        used_ema = bool(has_ema and use_ema is not False)
-        state = _network_only(raw, "ema." if used_ema else "")
-        hparams = meta.get("hyper_parameters", {})
-        if "ddconfig" in hparams:
-            meta_ddconfig, meta_embed = dict(hparams["ddconfig"]), hparams.get("embed_dim")
-    export = meta.get(EXPORT_META_KEY)
-    if isinstance(export, dict):
-        layout = "klvae-export"
-        meta_ddconfig, meta_embed = dict(export["ddconfig"]), export["embed_dim"]
-        scaling, shift = export.get("scaling_factor"), export.get("shift_factor")
-
-    if ddconfig is not None:
-        final_ddconfig = dict(ddconfig)
-    elif meta_ddconfig is not None:
-        final_ddconfig = meta_ddconfig
-    else:
-        final_ddconfig, inferred_embed = ddconfig_from_state_dict(state)
-        meta_embed = meta_embed or inferred_embed
-    if embed_dim is None:
-        embed_dim = meta_embed if meta_embed is not None else embed_dim_from_state_dict(state)
-    # The tensors decide which quant convs exist, whatever the format (a diffusers config says the same).
-    use_quant_conv, use_post_quant_conv = quant_convs_in_state_dict(state)
-    if diffusers_config is not None:
-        for name, present in [
-            ("use_quant_conv", use_quant_conv),
-            ("use_post_quant_conv", use_post_quant_conv),
-        ]:
-            if bool(diffusers_config.get(name, True)) != present:
-                raise ValueError(
-                    f"{path.parent}/config.json says {name}={diffusers_config.get(name, True)} but the weights "
-                    f"{'have' if present else 'lack'} its tensors; fix config.json"
-                )
-    log.info("read %s weights from %s%s", layout, path, " (EMA)" if used_ema else "")
+    source = _open(path)
+    fmt = detect_format(source)
+    contents = fmt.read(source, use_ema)
+    if not contents.state_dict:
+        raise ValueError(f"{path} ({fmt.name}) holds no autoencoder tensors (encoder.*, decoder.*)")
+    from_tensors = network_from_state_dict(
+        contents.state_dict, ddconfig=ddconfig if ddconfig is not None else _ddconfig_of(contents.recorded)
+    )
+    if contents.recorded is not None:
+        _check_record(path, contents.recorded, from_tensors)
+    log.info("read %s weights from %s%s", fmt.name, path, " (EMA)" if contents.used_ema else "")
     return VAEWeights(
-        state,
-        final_ddconfig,
-        int(embed_dim),
-        layout,
-        scaling,
-        shift,
-        used_ema,
-        use_quant_conv,
-        use_post_quant_conv,
+        contents.state_dict,
+        from_tensors,
+        fmt.name,
+        contents.scaling_factor,
+        contents.shift_factor,
+        contents.used_ema,
+        contents.loss_state_dict,
     )
 
 
+def _ddconfig_of(network: NetworkConfig | None) -> dict[str, Any] | None:
+    # With norm_num_groups even when the record did not spell it out: shapes cannot tell it.
+    return None if network is None else {**network.ddconfig(), "norm_num_groups": network.norm_num_groups}
+
+
+def _check_record(path: Path, recorded: NetworkConfig, actual: NetworkConfig) -> None:
+    """The tensors decide embed_dim and the quant convs; a file whose own record disagrees is damaged."""
+    for name in ("embed_dim", "use_quant_conv", "use_post_quant_conv"):
+        if getattr(recorded, name) != getattr(actual, name):
+            raise ValueError(
+                f"{path}: its config says {name}={getattr(recorded, name)} but its tensors have "
+                f"{name}={getattr(actual, name)}; fix the config (e.g. config.json) to match the weights"
+            )
+
+
+def write_vae(
+    weights: VAEWeights,
+    out: str | Path,
+    format: str | None = None,
+    scaling_factor: float | None = None,
+    shift_factor: float | None = None,
+    prefix: str = "",
+) -> Path:
+    """Write ``weights`` in a writable :data:`FORMATS` format (by default chosen from ``out``'s suffix).
+
+    Args:
+        weights: from :func:`read_vae_weights` (or built from a model's state dict).
+        out: target file, or folder for ``diffusers``.
+        format: a :data:`FORMATS` name; None: ``.safetensors`` → ldm-safetensors, ``.ckpt``/``.pth``/``.pt``/``.bin``
+            → ldm-ckpt, no suffix → diffusers.
+        scaling_factor, shift_factor: the latent factors (diffusers' config.json needs ``scaling_factor``;
+            LDM-layout files record both in their metadata).
+        prefix: LDM layouts: key prefix, e.g. ``"first_stage_model."`` to splice into a full SD checkpoint.
+
+    Raises:
+        ValueError: unknown or read-only format, a suffix that fits no format, or a network the format
+            cannot express (e.g. attention in the levels for diffusers).
+    """
+    out = Path(out)
+    if format is None:
+        format = format_for_path(out)
+    if format not in FORMATS or not FORMATS[format].writable:
+        writable = [n for n, f in FORMATS.items() if f.writable]
+        raise ValueError(f"cannot write format {format!r}; writable formats: {writable}")
+    fmt = FORMATS[format]
+    if format != "diffusers" and out.suffix not in getattr(fmt, "suffixes", ()):
+        raise ValueError(f"{str(out)!r}: a {format} file is named *{'/*'.join(fmt.suffixes)}")
+    if prefix and format == "diffusers":
+        raise ValueError("prefix applies to the LDM layouts only, not to a diffusers folder")
+    written = fmt.write(weights, out, scaling_factor, shift_factor, prefix)
+    log.info("wrote %s (%s, %d tensors, scaling_factor=%s, shift_factor=%s)", written, format,
+             len(weights.state_dict), scaling_factor, shift_factor)  # fmt: skip
+    return written
+
+
+def format_for_path(out: Path) -> str:
+    """The writable format a file name implies (see :func:`write_vae`)."""
+    if not out.suffix:
+        return "diffusers"
+    for name, fmt in FORMATS.items():
+        if out.suffix in getattr(fmt, "suffixes", ()):
+            return name
+    raise ValueError(f"{str(out)!r}: name a .safetensors or .ckpt file (LDM layout), or a folder (diffusers)")
+
+
 def build_vae(weights: VAEWeights) -> KLAutoencoder:
-    """Build a :class:`KLAutoencoder` and load ``weights`` strictly (eval mode, no grad).
+    """Build a :class:`KLAutoencoder` for ``weights.network`` and load them strictly (eval mode, no grad).
 
     Raises:
         ValueError: missing/unexpected keys or shape mismatches, each named.
@@ -244,22 +482,20 @@ def build_vae(weights: VAEWeights) -> KLAutoencoder:
         if wrong:
             parts.append(f"{len(wrong)} shape mismatches (first: {wrong[:4]})")
         raise ValueError(
-            f"{weights.source_format} weights do not match the network for ddconfig={weights.ddconfig}, "
-            f"embed_dim={weights.embed_dim}: " + "; ".join(parts) + ". Pass the right ddconfig/embed_dim."
+            f"{weights.source_format} weights do not match the network {weights.network}: "
+            + "; ".join(parts)
+            + ". Pass the right ddconfig."
         )
     model.load_state_dict(weights.state_dict, strict=True)
     return model.eval().requires_grad_(False)
 
 
 def load_vae(
-    path: str | Path,
-    ddconfig: Mapping[str, Any] | None = None,
-    embed_dim: int | None = None,
-    use_ema: bool | None = None,
+    path: str | Path, ddconfig: Mapping[str, Any] | None = None, use_ema: bool | None = None
 ) -> KLAutoencoder:
-    """Load any supported VAE file or folder into klvae's network (strict). See :func:`read_vae_weights`.
+    """Load any supported VAE file or folder into klvae's network, strictly. See :func:`read_vae_weights`.
 
     Returns:
         :class:`KLAutoencoder` in eval mode with gradients off; ``encode(x)`` takes (B, 3, H, W) in [-1, 1].
     """
-    return build_vae(read_vae_weights(path, ddconfig, embed_dim, use_ema))
+    return build_vae(read_vae_weights(path, ddconfig, use_ema))

@@ -18,8 +18,9 @@ import torch
 
 from klvae.errors import TrainingDivergedError
 from klvae.evaluation.metrics import reconstruction_scores
-from klvae.interop.files import NETWORK_PREFIXES, read_state_dict, select_first_stage
+from klvae.interop.configs import network_from_state_dict
 from klvae.interop.formats import VAEWeights, read_vae_weights
+from klvae.interop.keys import NETWORK_PREFIXES
 from klvae.models.ema import ModuleEMA
 from klvae.models.lr_schedule import LRSchedule
 from klvae.modules.config import NetworkConfig
@@ -69,14 +70,14 @@ def _check_quant_convs(
     """A configured quant conv that the warm-start file lacks (or the reverse) is one clear error."""
     given = {"use_quant_conv": use_quant_conv, "use_post_quant_conv": use_post_quant_conv}
     convs = [
-        f"{name}: file {getattr(weights, name)} vs config {value}"
+        f"{name}: file {getattr(weights.network, name)} vs config {value}"
         for name, value in given.items()
-        if value is not None and value != getattr(weights, name)
+        if value is not None and value != getattr(weights.network, name)
     ]
     if convs:
         raise ValueError(
             f"{path} and the config disagree on the quant convs ({'; '.join(convs)}; file embed_dim "
-            f"{weights.embed_dim}). Use a recipe for this VAE family, or set model.params.use_quant_conv / "
+            f"{weights.network.embed_dim}). Use a recipe for this VAE family, or set model.params.use_quant_conv / "
             "use_post_quant_conv to null to take the file's."
         )
 
@@ -182,16 +183,16 @@ class AutoencoderKL(KLAutoencoder, pl.LightningModule):
         if ddconfig is None:
             if warm_start is None:
                 raise ValueError("ddconfig is null: give the network config, or a ckpt_path to read it from")
-            ddconfig = warm_start.ddconfig
+            ddconfig = warm_start.network.ddconfig()
             log.info("network read from %s: ddconfig=%s", ckpt_path, ddconfig)
         ddconfig = to_container(ddconfig)
         # None: the warm-start file's convs (present or absent), else kl-f8's (present).
         if warm_start is not None:
             _check_quant_convs(str(ckpt_path), warm_start, use_quant_conv, use_post_quant_conv)
         if use_quant_conv is None:
-            use_quant_conv = warm_start.use_quant_conv if warm_start is not None else True
+            use_quant_conv = warm_start.network.use_quant_conv if warm_start is not None else True
         if use_post_quant_conv is None:
-            use_post_quant_conv = warm_start.use_post_quant_conv if warm_start is not None else True
+            use_post_quant_conv = warm_start.network.use_post_quant_conv if warm_start is not None else True
         # The network (KLAutoencoder: encoder, quant convs, decoder); nothing may be set on self before this.
         super().__init__(NetworkConfig.from_params(ddconfig, embed_dim, use_quant_conv, use_post_quant_conv))
         self.lr_schedule = LRSchedule.from_config(lr_schedule)
@@ -297,19 +298,19 @@ class AutoencoderKL(KLAutoencoder, pl.LightningModule):
     ) -> None:
         """Warm start from an LDM/SD/klvae checkpoint; every network tensor must be present and fit.
 
-        The network comes from :func:`klvae.interop.formats.read_vae_weights` (``weights`` when the caller has
-        read it already; a klvae run's EMA weights when it has them, see ``ckpt_use_ema``); ``loss.*``
-        tensors (LDM's discriminator and logvar) from the file itself. The EMA, when on, starts from the
-        loaded weights: a fine-tune averages from where it starts.
+        Any format :func:`klvae.interop.formats.read_vae_weights` reads (``weights`` when the caller has read
+        it already; a klvae run's EMA weights when it has them, see ``ckpt_use_ema``), plus the file's
+        ``loss.*`` tensors (LDM's discriminator and logvar) when it has them. The EMA, when on, starts from
+        the loaded weights: a fine-tune averages from where it starts.
         """
         weights = weights if weights is not None else read_vae_weights(path)
         ignore = tuple(ignore_keys)
-        network = {k: v for k, v in weights.state_dict.items() if not (ignore and k.startswith(ignore))}
+
+        def kept(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {k: v for k, v in tensors.items() if not (ignore and k.startswith(ignore))}
+
+        network, loss_state = kept(weights.state_dict), kept(weights.loss_state_dict)
         self._check_network_fits(path, weights, network)
-        loss_state = {}
-        if weights.source_format != "diffusers":
-            raw = select_first_stage(read_state_dict(path), ignore)
-            loss_state = {k: v for k, v in raw.items() if k.startswith("loss.")}
         missing, unexpected = self.load_state_dict({**network, **loss_state}, strict=False)
         missing_net = [k for k in missing if k.startswith(NETWORK_PREFIXES)]
         if missing_net:
@@ -339,14 +340,14 @@ class AutoencoderKL(KLAutoencoder, pl.LightningModule):
             for k, v in network.items()
             if k in own and v.shape != own[k].shape
         ]
-        if wrong or weights.embed_dim != self.network.embed_dim:
+        if wrong or weights.network.embed_dim != self.network.embed_dim:
             try:
-                actual: Any = read_vae_weights(path).ddconfig  # what the file's shapes say
+                actual: Any = network_from_state_dict(weights.state_dict).ddconfig()  # what the shapes say
             except ValueError as e:
                 actual = f"not inferable ({e})"
             raise ValueError(
                 f"{path} holds a different network than model.params.ddconfig/embed_dim "
-                f"({len(wrong)} shape mismatches, first: {wrong[:3]}; file embed_dim {weights.embed_dim}, "
+                f"({len(wrong)} shape mismatches, first: {wrong[:3]}; file embed_dim {weights.network.embed_dim}, "
                 f"config {self.network.embed_dim}). The file's network is ddconfig={actual}. Set "
                 "model.params.ddconfig to null to take the checkpoint's network, or fix it."
             )

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from klvae.interop.files import load_torch_file
 from klvae.pretrained.paths import VGG16_HUB_FILENAME, lpips_full_path, torch_hub_checkpoint
 
 __all__ = ["VGG_TRUNK_SLICES", "load_lpips", "torchvision_vgg16_to_lpips"]
@@ -90,7 +91,7 @@ def _build_empty_lpips(lpips_pkg):
     model.scaling_layer = lpips_pkg.ScalingLayer()  # its constant buffers did not survive to_empty
     # The linear heads ship inside the lpips package (no download): LPIPS v0.1 for VGG.
     heads = Path(lpips_pkg.__file__).parent / "weights" / "v0.1" / "vgg.pth"
-    model.load_state_dict(torch.load(heads, map_location="cpu", weights_only=True), strict=False)
+    model.load_state_dict(load_torch_file(heads), strict=False)
     return model
 
 
@@ -129,7 +130,7 @@ def load_lpips(backbone: str = "imagenet"):  # -> lpips.LPIPS (imported lazily: 
             "then does not measure perceptual similarity: use this for tests and demos only."
         )
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_torch_file(path)
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
         if any(k.startswith("features.") for k in state):

@@ -7,12 +7,13 @@ settings, so both implementations do the same arithmetic.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from klvae.interop.configs import diffusers_config
+from klvae.modules.config import NetworkConfig
 from klvae.perf.apply import make_adam
 from klvae.perf.bench import autocast_context
 
@@ -27,28 +28,12 @@ def diffusers_available() -> bool:
     return True
 
 
-def build_diffusers_vae(ddconfig: Mapping[str, Any], embed_dim: int) -> nn.Module:
-    """diffusers ``AutoencoderKL`` with the network shape of an LDM ``ddconfig`` (random weights)."""
+def build_diffusers_vae(network: NetworkConfig) -> nn.Module:
+    """diffusers ``AutoencoderKL`` with ``network``'s shape (random weights), from the exported config."""
     from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 
-    if ddconfig.get("attn_resolutions"):
-        raise ValueError("diffusers' AutoencoderKL has no attention inside levels; use attn_resolutions: []")
-    if ddconfig["z_channels"] != embed_dim:
-        raise ValueError(
-            f"diffusers ties z_channels and embed_dim; got {ddconfig['z_channels']} and {embed_dim}"
-        )
-    levels = len(ddconfig["ch_mult"])
-    return DiffusersAutoencoderKL(
-        in_channels=ddconfig["in_channels"],
-        out_channels=ddconfig["out_ch"],
-        down_block_types=("DownEncoderBlock2D",) * levels,
-        up_block_types=("UpDecoderBlock2D",) * levels,
-        block_out_channels=tuple(ddconfig["ch"] * m for m in ddconfig["ch_mult"]),
-        layers_per_block=ddconfig["num_res_blocks"],
-        latent_channels=embed_dim,
-        norm_num_groups=ddconfig.get("norm_num_groups", 32),
-        sample_size=ddconfig["resolution"],
-    )
+    config = diffusers_config(network, scaling_factor=1.0)  # raises for networks diffusers cannot express
+    return DiffusersAutoencoderKL(**{k: v for k, v in config.items() if not k.startswith("_")})
 
 
 def diffusers_train_step(

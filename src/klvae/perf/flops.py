@@ -7,11 +7,13 @@ multiply-add) cross-checks it. Counting on the ``meta`` device costs no compute,
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+from klvae.modules.config import NetworkConfig
 
 __all__ = ["analytic_codec_flops", "analytic_vgg_lpips_flops", "count_flops", "count_module_flops"]
 
@@ -47,25 +49,18 @@ def _mid(c: int, h: int, w: int) -> int:
     return 2 * _resnet(c, c, h, w) + _attn(c, h, w)
 
 
-def analytic_codec_flops(
-    ddconfig: Mapping[str, Any],
-    embed_dim: int,
-    height: int,
-    width: int,
-    use_quant_conv: bool = True,
-    use_post_quant_conv: bool = True,
-) -> dict[str, int]:
-    """Forward FLOPs per image of encoder (+quant_conv) and (post_quant_conv +) decoder, from ``ddconfig``.
+def analytic_codec_flops(network: NetworkConfig, height: int, width: int) -> dict[str, int]:
+    """Forward FLOPs per image of encoder (+quant_conv) and (post_quant_conv +) decoder.
 
     Args:
-        ddconfig: LDM network config (``ch``, ``ch_mult``, ``num_res_blocks``, ``attn_resolutions`` ...).
-        embed_dim: posterior channels.
+        network: the network's shape (``ch``, ``ch_mult``, ``num_res_blocks``, ``attn_resolutions``, quant convs).
         height, width: image size (multiples of the downsampling factor).
-        use_quant_conv, use_post_quant_conv: whether the 1×1 convs exist (False in SD3/FLUX.1).
 
     Returns:
         ``{"encoder": ..., "decoder": ...}`` in FLOPs (2 per multiply-add; norms and activations ignored).
     """
+    ddconfig, embed_dim = network.network_kwargs(), network.embed_dim
+    use_quant_conv, use_post_quant_conv = network.use_quant_conv, network.use_post_quant_conv
     ch, mult = ddconfig["ch"], list(ddconfig["ch_mult"])
     nrb, attn_res = ddconfig["num_res_blocks"], set(ddconfig.get("attn_resolutions", ()))
     z, res = ddconfig["z_channels"], ddconfig["resolution"]

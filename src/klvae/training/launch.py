@@ -19,6 +19,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from klvae.callbacks.checkpointing import remove_stale_temp_files
 from klvae.errors import ConfigError
+from klvae.interop.files import load_torch_file
 from klvae.training.run_dir import (
     RunDir,
     config_diff,
@@ -131,7 +132,7 @@ def _check_data_fits_model(config: DictConfig, data: Any) -> None:
 
 def _check_resume_fits_model(model: pl.LightningModule, ckpt: Path) -> None:
     """An incompatible resume (another ddconfig, another model) fails here in one line, not in Lightning."""
-    state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("state_dict", {})
+    state = load_torch_file(ckpt, mmap=True).get("state_dict", {})
     own = model.state_dict()
     shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
     missing = [k for k in own if k not in state] if getattr(model, "strict_loading", True) else []

@@ -46,8 +46,7 @@ def export_at_end(job: Any, fmt: str) -> Path | None:
         return None
     if fmt not in EXPORT_FORMATS:
         raise ConfigError(f"--export {fmt!r}: choose one of {list(EXPORT_FORMATS)}")
-    from klvae.interop.export import export_diffusers, export_ldm
-    from klvae.interop.formats import read_vae_weights
+    from klvae.interop.formats import read_vae_weights, write_vae
 
     source = _source_checkpoint(job)
     if not source.is_file():
@@ -56,7 +55,7 @@ def export_at_end(job: Any, fmt: str) -> Path | None:
     weights = read_vae_weights(source)
     out_dir = job.run.root / "export"
     if fmt == "ldm":
-        return export_ldm(weights, out_dir / "vae.safetensors")
+        return write_vae(weights, out_dir / "vae.safetensors")
     factors = _latent_factors(job, source)
     if factors is None:
         log.warning(
@@ -64,7 +63,7 @@ def export_at_end(job: Any, fmt: str) -> Path | None:
             "klvae-latent-stats + klvae-export --latent-stats"
         )
         return None
-    return export_diffusers(weights, out_dir / "diffusers", *factors)
+    return write_vae(weights, out_dir / "diffusers", "diffusers", *factors)
 
 
 def _latent_factors(job: Any, source: Path) -> tuple[float, float] | None:

@@ -14,8 +14,7 @@ from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from klvae.interop.export import main
 from klvae.interop.formats import load_vae, read_vae_weights
 from klvae.models.autoencoder import AutoencoderKL
-
-from .conftest import TINY_LOSSCONFIG
+from tests.conftest import TINY_LOSSCONFIG
 
 TINY = dict(
     double_z=True, z_channels=4, resolution=32, in_channels=3, out_ch=3, ch=8, ch_mult=[1, 2],
@@ -44,7 +43,7 @@ def test_run_checkpoint_prefers_ema(run_checkpoint) -> None:
     path, model = run_checkpoint
     ema = read_vae_weights(path)
     live = read_vae_weights(path, use_ema=False)
-    assert ema.used_ema and not live.used_ema and ema.ddconfig == TINY
+    assert ema.used_ema and not live.used_ema and ema.network.ddconfig() == TINY
     key = "decoder.conv_out.weight"
     assert torch.equal(ema.state_dict[key], model.ema.decoder.conv_out.weight)
     assert torch.equal(live.state_dict[key], model.decoder.conv_out.weight)
@@ -77,7 +76,8 @@ def test_export_ldm_file_loads_strictly(run_checkpoint, tmp_path, suffix: str) -
     out = tmp_path / f"vae{suffix}"
     main([str(path), "--format", "ldm", "--out", str(out), "--latent-stats", str(stats)])
     weights = read_vae_weights(out)
-    assert weights.source_format == "klvae-export" and weights.ddconfig == TINY
+    assert weights.source_format == ("ldm-safetensors" if suffix == ".safetensors" else "ldm-ckpt")
+    assert weights.network.ddconfig() == TINY
     assert (weights.scaling_factor, weights.shift_factor) == (0.9, 0.2)
     ema_state = {
         k[len("ema.") :]: v

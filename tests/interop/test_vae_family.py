@@ -6,20 +6,19 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 
 from klvae.inference import InferenceVAE
-from klvae.interop.export import export_diffusers, export_ldm
-from klvae.interop.formats import read_vae_weights
+from klvae.interop.formats import read_vae_weights, write_vae
 from klvae.models.autoencoder import AutoencoderKL
 from klvae.modules.config import NetworkConfig
 from klvae.modules.vae import KL_F8_DDCONFIG, KLAutoencoder
+from tests.conftest import TINY_LOSSCONFIG
 from tests.models.test_autoencoder import fit
-
-from .conftest import TINY_LOSSCONFIG
 
 # (latent channels, quant convs): FLUX.1/SD3's family and SDXL's (= SD's kl-f8) family.
 FAMILIES = {"flux_sd3_c16": (16, False), "sdxl_c4": (4, True)}
@@ -75,8 +74,9 @@ def test_diffusers_vae_round_trip_through_training(family: str, tmp_path, monkey
 
     # Out: diffusers folder and LDM-layout file, both read by diffusers' own loaders.
     weights = read_vae_weights(tmp_path / "last.ckpt")
-    assert (weights.use_quant_conv, weights.use_post_quant_conv, weights.embed_dim) == (quant, quant, latent)
-    export_diffusers(weights, tmp_path / "out", scaling_factor=0.3611, shift_factor=0.1159)
+    network = weights.network
+    assert (network.use_quant_conv, network.use_post_quant_conv, network.embed_dim) == (quant, quant, latent)
+    write_vae(weights, tmp_path / "out", scaling_factor=0.3611, shift_factor=0.1159)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["use_quant_conv"] is quant and config["use_post_quant_conv"] is quant
     assert (config["scaling_factor"], config["shift_factor"], config["latent_channels"]) == (
@@ -87,7 +87,7 @@ def test_diffusers_vae_round_trip_through_training(family: str, tmp_path, monkey
     theirs = DiffusersAutoencoderKL.from_pretrained(tmp_path / "out").eval()
     _assert_same_codec(theirs, lambda x: model.encode(x).mean, model.decode)
 
-    export_ldm(weights, tmp_path / "vae.safetensors")
+    write_vae(weights, tmp_path / "vae.safetensors")
     single = DiffusersAutoencoderKL.from_single_file(
         str(tmp_path / "vae.safetensors"), config=str(tmp_path / "out"), local_files_only=True
     ).eval()
@@ -103,7 +103,7 @@ def test_config_and_weights_disagreeing_on_quant_convs_is_named(tmp_path, tiny_l
         )
     config = json.loads((tmp_path / "flux_like" / "config.json").read_text())
     (tmp_path / "flux_like" / "config.json").write_text(json.dumps({**config, "use_quant_conv": True}))
-    with pytest.raises(ValueError, match="use_quant_conv=True but the weights lack its tensors"):
+    with pytest.raises(ValueError, match="use_quant_conv=True but its tensors have use_quant_conv=False"):
         read_vae_weights(tmp_path / "flux_like")
 
 
@@ -165,7 +165,7 @@ def test_fine_tune_recipes_read_their_family_from_a_diffusers_folder(
     latent, quant = FAMILIES[family]
     source = _diffusers_vae(latent, quant)
     source.save_pretrained(tmp_path / "vae")
-    configs = Path(__file__).resolve().parents[1] / "configs"
+    configs = Path(__file__).resolve().parents[2] / "configs"
     cfg = load_config(
         [configs / recipe],
         [
@@ -230,9 +230,7 @@ def test_analytic_flops_of_the_16_channel_network_without_quant_convs() -> None:
         enc = count_module_flops(lambda x: vae.encode(x).parameters, torch.empty(1, 3, 256, 256))
         dec = count_module_flops(vae.decode, torch.empty(1, 16, 32, 32))
     assert vae.network.ddconfig() == {**KL_F8_DDCONFIG, "z_channels": 16}
-    analytic = analytic_codec_flops(
-        vae.network.ddconfig(), 16, 256, 256, use_quant_conv=False, use_post_quant_conv=False
-    )
+    analytic = analytic_codec_flops(vae.network, 256, 256)
     assert (enc, dec) == (analytic["encoder"], analytic["decoder"])
 
 
@@ -245,3 +243,37 @@ def test_network_config_is_built_from_the_yaml_keys_and_written_back() -> None:
         NetworkConfig.from_params({}, 0)
     with pytest.raises(ValueError, match="double_z must be true"):
         NetworkConfig.from_params({"double_z": False}, 4)
+
+
+def test_main_py_trains_the_16_channel_recipe_and_exports_it_for_diffusers(tmp_path, photos) -> None:
+    # The shipped from-scratch recipe as a user runs it (main.py, folder data), shrunk to 32² and 2 levels,
+    # through disc_start and validation, then --export diffusers: diffusers' own loader must agree.
+    from klvae.training.cli import main
+    from tests.cli_helpers import only_run_dir
+
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    net = "model.params.ddconfig."
+    status = main([
+        "-b", str(configs / "autoencoder_kl_f8_c16.yaml"), str(configs / "autoencoder_kl_f8_folder.yaml"),
+        "-t", "-l", str(tmp_path / "logs"), "--logger", "csv", "--no-test", "--export", "diffusers",
+        f"{net}ch=8", f"{net}ch_mult=[1,2]", f"{net}num_res_blocks=1", f"{net}resolution=32",
+        f"{net}norm_num_groups=4",
+        "model.params.lossconfig.params.perceptual_backbone=random",
+        "model.params.lossconfig.params.disc_start=2", "model.params.lossconfig.params.disc_ndf=8",
+        f"data.params.train_dir={photos}", f"data.params.val_dir={photos}", "data.params.size=32",
+        "data.params.min_size=32", "data.params.batch_size=2", "data.params.num_workers=0",
+        "lightning.max_iterations=4", "lightning.trainer.enable_progress_bar=false",
+    ])  # fmt: skip
+    assert status == 0
+    run = only_run_dir(tmp_path / "logs")
+    folder = run / "export" / "diffusers"
+    config = json.loads((folder / "config.json").read_text())
+    assert (config["latent_channels"], config["use_quant_conv"], config["use_post_quant_conv"]) == (
+        16,
+        False,
+        False,
+    )
+    assert config["scaling_factor"] > 0 and "shift_factor" in config  # measured on the validation images
+    ours = InferenceVAE.from_pretrained(folder)
+    theirs = DiffusersAutoencoderKL.from_pretrained(folder).eval()
+    _assert_same_codec(theirs, lambda x: ours.encode(x), lambda z: ours.decode(z))

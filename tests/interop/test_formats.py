@@ -1,0 +1,225 @@
+"""The format registry (klvae.interop.formats): every format is detected, read strictly and written back."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+from safetensors.torch import save_file
+
+from klvae.interop.configs import diffusers_config
+from klvae.interop.formats import FORMATS, VAEWeights, load_vae, read_vae_weights, write_vae
+from klvae.interop.keys import ldm_to_diffusers
+from klvae.modules.config import NetworkConfig
+from klvae.modules.vae import KLAutoencoder
+
+# diffusers' tiny-model vocabulary: block_out_channels [8, 16], norm_num_groups 4 (f = 2).
+TINY = dict(
+    double_z=True, z_channels=4, resolution=32, in_channels=3, out_ch=3, ch=8, ch_mult=[1, 2],
+    num_res_blocks=1, attn_resolutions=[], dropout=0.0, norm_num_groups=4,
+)  # fmt: skip
+# FLUX.1-shaped (16 channels, no quant convs) with widths FLUX's hard-coded 32 GroupNorm groups divide.
+FLUX_TINY = {**TINY, "ch": 32, "z_channels": 16, "norm_num_groups": 32}
+
+
+def _randomized(model: torch.nn.Module) -> torch.nn.Module:
+    # Default init leaves GroupNorm at (1, 0); random values make a wrong mapping visible in outputs.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    return model.eval()
+
+
+def _diffusers_from(ddconfig: dict, state: dict) -> DiffusersAutoencoderKL:
+    config = diffusers_config(NetworkConfig.from_params(ddconfig, 4), scaling_factor=0.5)
+    config.pop("_class_name")
+    model = DiffusersAutoencoderKL(**config)
+    model.load_state_dict(ldm_to_diffusers(state), strict=True)
+    return model.eval()
+
+
+FORMAT_OF = {
+    "lightning_sd": "ldm-ckpt",
+    "bare": "ldm-ckpt",
+    "safetensors_ldm": "ldm-safetensors",
+    "safetensors_diffusers": "diffusers",
+    "folder": "diffusers",
+}
+
+
+@pytest.mark.parametrize(
+    "kind", ["lightning_sd", "bare", "safetensors_ldm", "safetensors_diffusers", "folder"]
+)
+def test_load_vae_from_every_layout(tmp_path, kind: str) -> None:
+    ours = _randomized(KLAutoencoder.from_ddconfig(TINY, 4))
+    state = ours.state_dict()
+    if kind == "lightning_sd":  # a full SD-style checkpoint: first_stage_model. plus unrelated keys
+        path = tmp_path / "sd.ckpt"
+        sd = {"first_stage_model." + k: v for k, v in state.items()}
+        torch.save({"state_dict": {**sd, "model.diffusion_model.x": torch.zeros(2)}, "global_step": 3}, path)
+    elif kind == "bare":
+        path = tmp_path / "vae.pth"
+        torch.save({**state, "loss.logvar": torch.zeros(())}, path)
+    elif kind == "safetensors_ldm":
+        path = tmp_path / "vae.safetensors"
+        save_file(state, str(path))
+    elif kind == "safetensors_diffusers":
+        path = tmp_path / "diff.safetensors"
+        save_file({k: v.contiguous() for k, v in ldm_to_diffusers(state).items()}, str(path))
+    else:
+        path = tmp_path / "pipeline"
+        _diffusers_from(TINY, state).save_pretrained(path / "vae")
+    weights = read_vae_weights(path, ddconfig=None if kind == "folder" else TINY)
+    assert weights.source_format == FORMAT_OF[kind]
+    loaded = load_vae(path, ddconfig=None if kind == "folder" else TINY)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
+    # LDM's training checkpoints carry the loss's tensors (discriminator, logvar) for warm starts.
+    assert set(weights.loss_state_dict) == ({"loss.logvar"} if kind == "bare" else set())
+    if kind == "folder":
+        assert weights.scaling_factor == 0.5
+        assert json.loads((path / "vae" / "config.json").read_text())["scaling_factor"] == 0.5
+
+
+def test_strict_loading_names_missing_and_unexpected_keys(tmp_path) -> None:
+    state = KLAutoencoder.from_ddconfig(TINY, 4).state_dict()
+    del state["decoder.conv_out.bias"]
+    state["decoder.extra.weight"] = torch.zeros(1)
+    path = tmp_path / "broken.pth"
+    torch.save(state, path)
+    with pytest.raises(
+        ValueError, match=r"missing keys.*decoder\.conv_out\.bias.*unexpected keys.*decoder\.extra\.weight"
+    ):
+        load_vae(path, ddconfig=TINY)
+    wrong = {**TINY, "ch": 16, "norm_num_groups": 4}
+    torch.save(KLAutoencoder.from_ddconfig(TINY, 4).state_dict(), path)
+    with pytest.raises(ValueError, match="shape mismatches"):
+        load_vae(path, ddconfig=wrong)
+
+
+def test_unsafe_pickle_is_refused(tmp_path) -> None:
+    path = tmp_path / "evil.ckpt"
+    torch.save(
+        {"state_dict": KLAutoencoder.from_ddconfig(TINY, 4).state_dict(), "obj": torch.nn.ReLU()}, path
+    )
+    with pytest.raises(ValueError, match="weights_only"):
+        load_vae(path, ddconfig=TINY)
+    with pytest.raises(FileNotFoundError):
+        load_vae(tmp_path / "absent.ckpt")
+
+
+def test_flux_ae_safetensors_layout_reads_from_tensors_alone(tmp_path) -> None:
+    # FLUX.1's ae.safetensors: LDM names, no quant convs, no metadata; 16 channels.
+    ours = _randomized(
+        KLAutoencoder.from_ddconfig(FLUX_TINY, 16, use_quant_conv=False, use_post_quant_conv=False)
+    )
+    path = tmp_path / "ae.safetensors"
+    save_file(ours.state_dict(), str(path))
+    weights = read_vae_weights(path)
+    network = weights.network
+    assert weights.source_format == "ldm-safetensors" and weights.scaling_factor is None
+    assert (network.z_channels, network.embed_dim, network.use_quant_conv, network.use_post_quant_conv) == (
+        16, 16, False, False,
+    )  # fmt: skip
+    assert set(weights.state_dict) == set(ours.state_dict())
+    assert not any(k.startswith(("quant_conv.", "post_quant_conv.")) for k in weights.state_dict)
+    x = torch.rand(1, 3, 32, 48) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(load_vae(path).encode(x).mean, ours.encode(x).mean, rtol=0, atol=0)
+
+
+def test_klvae_run_prefers_ema_weights(tmp_path) -> None:
+    live = KLAutoencoder.from_ddconfig(TINY, 4).state_dict()
+    ema = {k: v + 1 for k, v in live.items()}
+    hparams = {"ddconfig": TINY, "embed_dim": 4}
+    path = tmp_path / "last.ckpt"
+    state = {**live, **{"ema." + k: v for k, v in ema.items()}, "loss.logvar": torch.zeros(())}
+    torch.save({"state_dict": state, "hyper_parameters": hparams, "klvae": {"iteration": 3}}, path)
+    weights = read_vae_weights(path)
+    assert weights.source_format == "klvae-run" and weights.used_ema and weights.network.ddconfig() == TINY
+    assert torch.equal(weights.state_dict["decoder.conv_out.bias"], ema["decoder.conv_out.bias"])
+    assert set(weights.loss_state_dict) == {"loss.logvar"}
+    assert not read_vae_weights(path, use_ema=False).used_ema
+    torch.save({"state_dict": live, "hyper_parameters": hparams, "klvae": {}}, path)
+    with pytest.raises(ValueError, match="no EMA weights"):
+        read_vae_weights(path, use_ema=True)
+
+
+@pytest.mark.parametrize("name", [n for n, f in FORMATS.items() if f.writable])
+@pytest.mark.parametrize("quant_convs", [True, False])
+def test_every_writable_format_reads_back_exactly(tmp_path, name: str, quant_convs: bool) -> None:
+    ddconfig = TINY if quant_convs else {**TINY, "z_channels": 4}
+    model = _randomized(KLAutoencoder.from_ddconfig(ddconfig, 4, quant_convs, quant_convs))
+    weights = VAEWeights(model.state_dict(), model.network, "ldm-ckpt")
+    out = tmp_path / {"diffusers": "vae", "ldm-safetensors": "vae.safetensors", "ldm-ckpt": "vae.ckpt"}[name]
+    assert write_vae(weights, out, scaling_factor=0.25, shift_factor=0.125) == out  # format from the name
+    back = read_vae_weights(out)  # no ddconfig: the file records its network (norm_num_groups 4)
+    assert back.source_format == name and back.network == model.network
+    assert (back.scaling_factor, back.shift_factor) == (0.25, 0.125)
+    assert set(back.state_dict) == set(weights.state_dict)
+    assert all(torch.equal(back.state_dict[k], v) for k, v in weights.state_dict.items())
+    assert not list(tmp_path.rglob(".*.tmp"))  # atomic writes leave no temp files
+
+
+def test_write_errors_name_the_problem(tmp_path) -> None:
+    model = KLAutoencoder.from_ddconfig(TINY, 4)
+    weights = VAEWeights(model.state_dict(), model.network, "ldm-ckpt")
+    with pytest.raises(ValueError, match="writable formats"):
+        write_vae(weights, tmp_path / "x.ckpt", "klvae-run")
+    with pytest.raises(ValueError, match=r"\.safetensors or \.ckpt"):
+        write_vae(weights, tmp_path / "x.onnx")
+    with pytest.raises(ValueError, match="scaling_factor"):
+        write_vae(weights, tmp_path / "folder")
+    with pytest.raises(ValueError, match=r"ldm-ckpt file is named"):
+        write_vae(weights, tmp_path / "x.safetensors", "ldm-ckpt")
+
+
+def test_unknown_files_and_contradicting_records_are_refused(tmp_path) -> None:
+    path = tmp_path / "other.safetensors"
+    save_file({"foo.weight": torch.zeros(1)}, str(path))
+    with pytest.raises(
+        ValueError, match=r"unrecognised VAE file.*diffusers.*klvae-run.*ldm-safetensors.*ldm-ckpt"
+    ):
+        read_vae_weights(path)
+    # config.json says use_quant_conv but the weights have none: a damaged folder, named.
+    flux = KLAutoencoder.from_ddconfig(FLUX_TINY, 16, use_quant_conv=False, use_post_quant_conv=False)
+    weights = VAEWeights(flux.state_dict(), flux.network, "ldm-ckpt")
+    folder = write_vae(weights, tmp_path / "vae", scaling_factor=1.0)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "use_quant_conv": True}))
+    with pytest.raises(ValueError, match="use_quant_conv=True but its tensors have use_quant_conv=False"):
+        read_vae_weights(folder)
+    with pytest.raises(FileNotFoundError, match="without config.json"):
+        (tmp_path / "empty").mkdir()
+        read_vae_weights(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("name", ["klvae-run", *(n for n, f in FORMATS.items() if f.writable)])
+def test_warm_start_ckpt_path_accepts_every_format(tmp_path, name: str) -> None:
+    from klvae.models.autoencoder import AutoencoderKL
+    from tests.conftest import TINY_LOSSCONFIG
+
+    source = _randomized(AutoencoderKL(TINY, TINY_LOSSCONFIG, embed_dim=4))
+    if name == "klvae-run":
+        path = tmp_path / "last.ckpt"
+        torch.save(
+            {"state_dict": source.state_dict(), "hyper_parameters": dict(source.hparams), "klvae": {}}, path
+        )
+    else:
+        weights = VAEWeights(KLAutoencoder(source.network).state_dict(), source.network, "ldm-ckpt")
+        weights.state_dict.update({k: v for k, v in source.state_dict().items() if k in weights.state_dict})
+        path = write_vae(weights, tmp_path / {"diffusers": "vae", "ldm-safetensors": "v.safetensors",
+                                              "ldm-ckpt": "v.ckpt"}[name], name, scaling_factor=0.5)  # fmt: skip
+    # ddconfig null: the network comes from the file, whatever its format.
+    model = AutoencoderKL(None, TINY_LOSSCONFIG, embed_dim=4, ckpt_path=str(path))
+    assert model.network == source.network
+    ours, theirs = model.state_dict(), source.state_dict()
+    for key in (
+        k for k in theirs if k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv."))
+    ):
+        assert torch.equal(ours[key], theirs[key]), key
+    if name == "klvae-run":  # a run checkpoint also carries the discriminator on
+        assert torch.equal(
+            ours["loss.discriminator.main.0.weight"], theirs["loss.discriminator.main.0.weight"]
+        )
