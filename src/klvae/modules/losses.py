@@ -112,7 +112,7 @@ class LPIPSWithDiscriminator(nn.Module):
             raise ValueError(f"pixel_loss must be 'l1' or 'l2', got {pixel_loss!r}")
         if reduction not in ("sum", "mean"):
             raise ValueError(
-                f"reduction must be 'sum' (published models) or 'mean' (seed snippet), got {reduction!r}"
+                f"reduction must be 'sum' (published models) or 'mean' (an F.mse_loss-style mean), got {reduction!r}"
             )
         if disc_loss not in _D_LOSSES:
             raise ValueError(f"disc_loss must be one of {sorted(_D_LOSSES)}, got {disc_loss!r}")
