@@ -16,7 +16,7 @@ graphs are compiled before timing starts.
 
     # CPU smoke (seconds):
     python benchmarks/train_step.py --device cpu --model tiny --batch 1 --resolution 64 --steps 2
-    # H100, the issue's setting, every switch:
+    # H100 at the default recipe's batch 12, 256², every switch:
     python benchmarks/train_step.py --batch 12 --resolution 256 --steps 30 --sweep
 """
 
@@ -57,7 +57,7 @@ from klvae.perf.options import Optimizations  # noqa: E402
 
 log = logging.getLogger("benchmarks.train_step")
 
-# case -> (disc_start, update_schedule); "pre" = before the GAN starts (the issue's comparison point).
+# case -> (disc_start, update_schedule); "pre" = before the GAN starts (the case diffusers' step is compared on).
 CASES = {
     "pre": (10**9, "alternate"),
     "post-alternate": (0, "alternate"),

@@ -11,26 +11,53 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import copy  # noqa: E402
 import logging  # noqa: E402
+from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-# f = 8 at 32² in: latents 4×4. Widths divisible by norm_num_groups=4.
-TINY_DDCONFIG = {
-    "double_z": True,
-    "z_channels": 4,
-    "resolution": 32,
-    "in_channels": 3,
-    "out_ch": 3,
-    "ch": 8,
-    "ch_mult": [1, 1, 2, 2],
-    "num_res_blocks": 1,
-    "attn_resolutions": [],
-    "dropout": 0.0,
-    "norm_num_groups": 4,
+# Width multipliers of the tiny network by number of resolution levels (f = 2**(levels-1)).
+_TINY_CH_MULT = {
+    4: [1, 1, 2, 2],  # f = 8 as kl-f8: 32² in, 4×4 latents
+    2: [1, 2],  # f = 2, diffusers' tiny-model widths (block_out_channels [8, 16]): 32² in, 16×16 latents
 }
+
+
+def tiny_ddconfig_dict(levels: int = 4, **overrides: Any) -> dict[str, Any]:
+    """A fresh tiny LDM ``ddconfig`` (a new dict every call: tests may edit it) for CPU tests.
+
+    Base width 8, one ResnetBlock per level, no attention levels, GroupNorm with 4 groups (every width is
+    divisible by 4), nominal resolution 32.
+
+    Args:
+        levels: resolution levels; ``4`` (default) is f = 8 (``ch_mult [1, 1, 2, 2]``), ``2`` is f = 2
+            (``ch_mult [1, 2]``), for tests that want large latents from small images.
+        overrides: any ``ddconfig`` key, e.g. ``z_channels=16`` for the SD3/FLUX.1 latent width (pass
+            ``embed_dim=16`` to the model too).
+    """
+    if levels not in _TINY_CH_MULT:
+        raise ValueError(f"tiny_ddconfig_dict: levels must be one of {sorted(_TINY_CH_MULT)}, got {levels!r}")
+    ddconfig = {
+        "double_z": True,
+        "z_channels": 4,
+        "resolution": 32,
+        "in_channels": 3,
+        "out_ch": 3,
+        "ch": 8,
+        "ch_mult": list(_TINY_CH_MULT[levels]),
+        "num_res_blocks": 1,
+        "attn_resolutions": [],
+        "dropout": 0.0,
+        "norm_num_groups": 4,
+    }
+    ddconfig.update(copy.deepcopy(overrides))
+    return ddconfig
+
+
+# The default tiny network (f = 8), for modules that cannot take a fixture (tests/models/ddp_probe.py).
+TINY_DDCONFIG = tiny_ddconfig_dict()
 
 TINY_LOSSCONFIG = {
     "target": "klvae.modules.losses.LPIPSWithDiscriminator",
@@ -57,7 +84,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture
 def tiny_ddconfig() -> dict:
-    return copy.deepcopy(TINY_DDCONFIG)
+    """The default tiny ddconfig (f = 8), fresh per test: :func:`tiny_ddconfig_dict` ``()``."""
+    return tiny_ddconfig_dict()
 
 
 @pytest.fixture

@@ -43,7 +43,7 @@ def test_shipped_config_builds(path, tiny_ddconfig):
         plan_trainer(to_container(cfg.lightning), gpus=None, num_nodes=None, precision=None, accumulate=1)
 
 
-def test_seed_recipe_values():
+def test_default_recipe_values():
     cfg = load_config([CONFIGS[0].parent / "autoencoder_kl_f8.yaml"])
     loss = cfg.model.params.lossconfig.params
     assert (loss.pixel_loss, loss.perceptual_weight, loss.kl_weight) == ("l2", 0.5, 1e-6)

@@ -24,6 +24,7 @@ from klvae.evaluation.latent_metrics import (
 from klvae.evaluation.latent_stats import LatentStats
 from klvae.interop.formats import read_vae_weights, write_vae
 from klvae.modules.vae import KLAutoencoder
+from tests.conftest import tiny_ddconfig_dict
 
 
 class PoolingCodec:
@@ -107,8 +108,7 @@ def test_image_size_not_a_multiple_of_f_is_a_clear_error():
 
 @pytest.mark.parametrize("channels", [4, 16])
 def test_klvae_eval_latent_metrics_flag_writes_json_and_png(tmp_path, channels):
-    ddconfig = dict(double_z=True, z_channels=channels, resolution=32, in_channels=3, out_ch=3, ch=8,
-                    ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], dropout=0.0, norm_num_groups=4)  # fmt: skip
+    ddconfig = tiny_ddconfig_dict(levels=2, z_channels=channels)
     torch.save(KLAutoencoder.from_ddconfig(ddconfig, channels).state_dict(), tmp_path / "vae.pth")
     ckpt = write_vae(read_vae_weights(tmp_path / "vae.pth", ddconfig=ddconfig), tmp_path / "vae.safetensors")
     (tmp_path / "imgs").mkdir()

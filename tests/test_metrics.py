@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -73,6 +74,67 @@ def test_frechet_distance_closed_form_for_diagonal_gaussians() -> None:
     expected = np.sum((mu1 - mu2) ** 2) + np.sum((s1 - s2) ** 2)  # tr(Σ1+Σ2-2√(Σ1Σ2)) = Σ(σ1-σ2)²
     assert abs(frechet_distance(mu1, np.diag(s1**2), mu2, np.diag(s2**2)) - expected) < 1e-9
     assert abs(frechet_distance(mu1, np.diag(s1**2), mu1, np.diag(s1**2))) < 1e-9
+
+
+def _gaussian_stats(rng: np.random.Generator, n: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and unbiased covariance of n correlated features; rank min(n - 1, dim)."""
+    features = rng.normal(size=(n, dim)) @ rng.normal(size=(dim, dim)) * 0.5 + rng.normal(size=dim)
+    return features.mean(0), np.cov(features, rowvar=False)
+
+
+def _scipy_frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """The reference implementation's formula (pytorch-fid, TTUR): a general matrix square root."""
+    linalg = pytest.importorskip("scipy.linalg")
+    covmean = np.real(linalg.sqrtm(sigma1 @ sigma2))
+    return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+@pytest.mark.parametrize(
+    ("n", "dim"),
+    [(400, 32), (20, 48), (48, 48)],
+    ids=["full-rank", "fewer-samples-than-dims", "rank-one-short"],
+)
+def test_frechet_distance_matches_scipy_sqrtm(n: int, dim: int) -> None:
+    rng = np.random.default_rng(n + dim)
+    mu1, sigma1 = _gaussian_stats(rng, n, dim)
+    mu2, sigma2 = _gaussian_stats(rng, n, dim)
+    assert np.linalg.matrix_rank(sigma1) == min(n - 1, dim)
+    ours = frechet_distance(mu1, sigma1, mu2, sigma2)
+    # scipy's Schur square root of a singular product is accurate to ~1e-8 relative, hence the tolerance.
+    assert ours == pytest.approx(_scipy_frechet_distance(mu1, sigma1, mu2, sigma2), rel=1e-6)
+    # Identical Gaussians: exactly the trace cancellation, also when the covariance is singular.
+    assert abs(frechet_distance(mu1, sigma1, mu1, sigma1)) < 1e-9 * np.trace(sigma1)
+
+
+def test_frechet_distance_rejects_mismatched_or_non_finite_statistics() -> None:
+    mu, sigma = np.zeros(3), np.eye(3)
+    with pytest.raises(ValueError, match=r"sigma2 has shape \(4, 4\), expected \(3, 3\)"):
+        frechet_distance(mu, sigma, mu, np.eye(4))
+    with pytest.raises(ValueError, match="mu2 has non-finite values"):
+        frechet_distance(mu, sigma, np.array([0.0, np.nan, 0.0]), sigma)
+
+
+def test_package_does_not_import_scipy() -> None:
+    """scipy is not a dependency of klvae (it only arrives with lpips): no module in src/klvae imports it."""
+    import ast
+
+    import klvae
+
+    package = Path(klvae.__file__).parent
+    offenders = []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] if node.level == 0 else []
+            else:
+                continue
+            offenders += [
+                f"{path.relative_to(package)}:{node.lineno}" for n in names if n.split(".")[0] == "scipy"
+            ]
+    assert len(list(package.rglob("*.py"))) > 20  # really the package's sources
+    assert offenders == []
 
 
 def test_feature_stats_match_numpy() -> None:

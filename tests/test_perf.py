@@ -102,7 +102,7 @@ def test_generator_loss_same_with_lpips_target_no_grad():
 
 
 # ---------------------------------------------------------------- FLOPs
-def test_counted_flops_match_analytic_and_spec_for_kl_f8():
+def test_counted_flops_match_analytic_and_round_figures_for_kl_f8():
     with torch.device("meta"):
         vae = KLAutoencoder.from_ddconfig(KL_F8_DDCONFIG, 4)
         enc = count_module_flops(lambda x: vae.quant_conv(vae.encoder(x)), torch.empty(1, 3, 256, 256))
@@ -114,7 +114,7 @@ def test_counted_flops_match_analytic_and_spec_for_kl_f8():
     )  # LDM kl-f8 at 256²: ≈ 273 and 622 GFLOP
 
 
-def test_counted_lpips_pair_flops_match_analytic_and_spec(lpips_model):
+def test_counted_lpips_pair_flops_match_analytic_and_round_figure(lpips_model):
     meta = copy.deepcopy(lpips_model).to("meta")
     x = torch.empty(1, 3, 256, 256, device="meta")
     counted = count_module_flops(meta, x, x)

@@ -43,7 +43,7 @@ def test_discriminator_gives_30x30_patch_logits():
 
 
 def expected_ldm_keys(num_levels: int = 4, num_res_blocks: int = 2) -> set[str]:
-    """The kl-f8 layout written out from the spec, independently of the network code."""
+    """LDM's kl-f8 layout (CompVis/latent-diffusion ``first_stage_model``), written out independently of the network code."""
     conv = ("weight", "bias")
 
     def resnet(prefix: str, shortcut: bool) -> list[str]:

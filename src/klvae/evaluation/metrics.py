@@ -212,18 +212,72 @@ class FeatureStats:
         return mu, cov
 
 
+def _psd_eigvals(eigvals: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues of a symmetric PSD matrix with rounding noise set to 0.
+
+    ``eigh`` is accurate to about D·ε·λ_max: below that an eigenvalue (negative or positive) is noise, and
+    its square root (~1e-7·√λ_max each, many of them for a rank-deficient covariance) would not be.
+    """
+    floor = eigvals.shape[-1] * torch.finfo(eigvals.dtype).eps * eigvals.abs().max()
+    return torch.where(eigvals > floor, eigvals, torch.zeros_like(eigvals))
+
+
+def _sqrt_psd(matrix: torch.Tensor) -> torch.Tensor:
+    """The symmetric square root of a symmetric PSD matrix (float64)."""
+    eigvals, eigvecs = torch.linalg.eigh(matrix)
+    return (eigvecs * _psd_eigvals(eigvals).sqrt()) @ eigvecs.T
+
+
+def _trace_sqrt_product(sigma1: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
+    """tr((Σ1 Σ2)^½) for symmetric PSD Σ1, Σ2 (float64).
+
+    Σ1 Σ2 and √Σ1 Σ2 √Σ1 have the same eigenvalues, and the latter is symmetric PSD, so the trace is the sum
+    of the square roots of its eigenvalues: two ``eigh`` instead of a general (Schur) matrix square root, and
+    well defined when a covariance is singular (fewer images than feature dimensions).
+    """
+    root1 = _sqrt_psd(sigma1)
+    product = root1 @ sigma2 @ root1
+    product = (product + product.T) / 2  # exactly symmetric for eigh: rounding breaks it slightly
+    return _psd_eigvals(torch.linalg.eigvalsh(product)).sqrt().sum()
+
+
 def frechet_distance(
     mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
 ) -> float:
-    """‖μ1 − μ2‖² + tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½), the FID between two Gaussians."""
-    from scipy import linalg
+    """‖μ1 − μ2‖² + tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½), the FID between two Gaussians (Heusel et al. 2017).
 
-    diff = mu1 - mu2
-    covmean = linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-        # Singular product (fewer images than dimensions): regularise as the reference implementation does.
-        log.warning("FID: singular covariance product; adding %g to the diagonals", eps)
-        offset = np.eye(sigma1.shape[0]) * eps
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    covmean = np.real(covmean)  # tiny imaginary parts are numerical noise
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+    Computed in float64 with symmetric eigendecompositions (see :func:`_trace_sqrt_product`); singular
+    covariances need no regularisation. ``eps`` is added to both diagonals only if an eigendecomposition
+    fails to converge (ill-conditioned input), with a warning.
+
+    Args:
+        mu1, mu2: feature means (D,).
+        sigma1, sigma2: feature covariances (D, D), symmetric PSD.
+
+    Raises:
+        ValueError: mismatched shapes or non-finite statistics, named.
+    """
+    mu1_t, mu2_t = (torch.as_tensor(np.asarray(m), dtype=torch.float64) for m in (mu1, mu2))
+    s1, s2 = (torch.as_tensor(np.asarray(s), dtype=torch.float64) for s in (sigma1, sigma2))
+    d = mu1_t.shape[-1] if mu1_t.dim() > 0 else 0
+    for name, t, shape in [
+        ("mu1", mu1_t, (d,)),
+        ("mu2", mu2_t, (d,)),
+        ("sigma1", s1, (d, d)),
+        ("sigma2", s2, (d, d)),
+    ]:
+        if tuple(t.shape) != shape:
+            raise ValueError(
+                f"frechet_distance: {name} has shape {tuple(t.shape)}, expected {shape} "
+                f"(means (D,), covariances (D, D), D = len(mu1) = {d})"
+            )
+        if not torch.isfinite(t).all():
+            raise ValueError(f"frechet_distance: {name} has non-finite values (NaN/inf features?)")
+    try:
+        trace_sqrt = _trace_sqrt_product(s1, s2)
+    except torch.linalg.LinAlgError:
+        log.warning("FID: eigendecomposition did not converge; adding %g to the covariance diagonals", eps)
+        offset = torch.eye(d, dtype=torch.float64) * eps
+        trace_sqrt = _trace_sqrt_product(s1 + offset, s2 + offset)
+    diff = mu1_t - mu2_t
+    return float(diff @ diff + s1.trace() + s2.trace() - 2.0 * trace_sqrt)

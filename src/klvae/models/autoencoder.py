@@ -475,7 +475,7 @@ class AutoencoderKL(KLAutoencoder, pl.LightningModule):
     def _last_layer(self) -> LastLayer:
         saved = self._conv_out_input.take()
         assert saved is not None, "the decoder's conv_out hook did not run"
-        return LastLayer(self.decoder.conv_out, saved, self.decoder.tanh_out)
+        return LastLayer(self.decoder.conv_out, saved)
 
     def _grad_scale(self) -> torch.Tensor | None:
         """The GradScaler's current scale tensor under 16-mixed (no host sync), else None."""

@@ -51,21 +51,16 @@ class LastLayer:
     Attributes:
         conv: the decoder's ``conv_out`` (stride/padding/dilation/groups are read from it).
         inputs: its input h, (B, C, H, W), as saved by a forward hook.
-        tanh_out: the decoder applies tanh after the conv (``Decoder.tanh_out``).
     """
 
     conv: nn.Conv2d
     inputs: torch.Tensor
-    tanh_out: bool = False
 
-    def weight_grad(self, grad_recon: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
-        """∂L/∂W (fp32, W's shape) from ∂L/∂x̂ (B, 3, H, W) and x̂ = [tanh](conv(h))."""
-        grad_out = grad_recon.float()
-        if self.tanh_out:  # x̂ = tanh(y): ∂L/∂y = ∂L/∂x̂ · (1 − x̂²)
-            grad_out = grad_out * (1 - recon.detach().float() ** 2)
+    def weight_grad(self, grad_recon: torch.Tensor) -> torch.Tensor:
+        """∂L/∂W (fp32, W's shape) from ∂L/∂x̂ (B, 3, H, W), x̂ = conv(h) (the decoder's output)."""
         conv = self.conv
         return torch.nn.grad.conv2d_weight(
-            self.inputs.detach().float(), conv.weight.shape, grad_out,
+            self.inputs.detach().float(), conv.weight.shape, grad_recon.float(),
             stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
         )  # fmt: skip
 
@@ -117,7 +112,7 @@ class LPIPSWithDiscriminator(nn.Module):
             raise ValueError(f"pixel_loss must be 'l1' or 'l2', got {pixel_loss!r}")
         if reduction not in ("sum", "mean"):
             raise ValueError(
-                f"reduction must be 'sum' (published models) or 'mean' (seed snippet), got {reduction!r}"
+                f"reduction must be 'sum' (published models) or 'mean' (an F.mse_loss-style mean), got {reduction!r}"
             )
         if disc_loss not in _D_LOSSES:
             raise ValueError(f"disc_loss must be one of {sorted(_D_LOSSES)}, got {disc_loss!r}")
@@ -192,15 +187,15 @@ class LPIPSWithDiscriminator(nn.Module):
         return self._reduce(nll), rec, p_loss
 
     def adaptive_weight(
-        self, grad_nll: torch.Tensor, grad_g: torch.Tensor, recon: torch.Tensor, last_layer: LastLayer
+        self, grad_nll: torch.Tensor, grad_g: torch.Tensor, last_layer: LastLayer
     ) -> torch.Tensor:
         """λ = clamp(‖∇_W nll‖ / (‖∇_W g‖ + 1e-4), 0, 1e4) · disc_weight, W the decoder's last conv weight.
 
         LDM's formula (taming's ``calculate_adaptive_weight``); the two ∇_W are formed from ∂nll/∂x̂ and
         ∂g/∂x̂ and the conv's saved input instead of two ``autograd.grad`` calls into the decoder.
         """
-        nll_w = last_layer.weight_grad(grad_nll, recon)
-        g_w = last_layer.weight_grad(grad_g, recon)
+        nll_w = last_layer.weight_grad(grad_nll)
+        g_w = last_layer.weight_grad(grad_g)
         weight = torch.linalg.vector_norm(nll_w) / (torch.linalg.vector_norm(g_w) + 1e-4)
         return torch.clamp(weight, 0.0, 1e4).detach() * self.discriminator_weight
 
@@ -260,7 +255,7 @@ class LPIPSWithDiscriminator(nn.Module):
             nll_grads = torch.autograd.grad(nll_loss * scale, targets)
             (grad_g,) = torch.autograd.grad(g_loss * scale, [recon])
             grad_nll, grad_g = nll_grads[0] / scale, grad_g / scale
-            d_weight = self.adaptive_weight(grad_nll, grad_g, recon, last_layer)
+            d_weight = self.adaptive_weight(grad_nll, grad_g, last_layer)
             grad_recon = grad_nll + (d_weight * disc_factor) * grad_g  # (B, 3, H, W)
             value = (nll_loss + self.kl_weight * kl_loss + d_weight * disc_factor * g_loss).detach()
             # Same gradients as the objective for every parameter: x̂'s, KL's, and logvar's (learned).

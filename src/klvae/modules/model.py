@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -58,42 +59,36 @@ class AttnBlock(nn.Module):
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
+        h, w = x.shape[-2:]
         y = self.norm(x)
-        # (B, C, H, W) -> (B, 1, H·W, C): one head whose tokens are the pixels.
-        q, k, v = (t.reshape(b, 1, c, h * w).transpose(2, 3) for t in (self.q(y), self.k(y), self.v(y)))
+        # (B, C, H, W) -> (B, 1, H·W, C): one head whose tokens are the pixels, SDPA's (batch, heads, L, E).
+        q, k, v = (rearrange(t, "b c h w -> b 1 (h w) c") for t in (self.q(y), self.k(y), self.v(y)))
         y = F.scaled_dot_product_attention(q, k, v)  # softmax(q kᵀ / √C) v, flash/mem-efficient on GPU
-        y = y.transpose(2, 3).reshape(b, c, h, w)
+        y = rearrange(y, "b 1 (h w) c -> b c h w", h=h, w=w)
         return x + self.proj_out(y)
 
 
 class Downsample(nn.Module):
-    """Halve H and W: pad right/bottom by one, then a stride-2 3×3 conv without padding (LDM's choice)."""
+    """Halve H and W: pad right/bottom by one, then a stride-2 3×3 conv without padding (LDM kl-f8's choice)."""
 
-    def __init__(self, channels: int, with_conv: bool = True) -> None:
+    def __init__(self, channels: int) -> None:
         super().__init__()
-        self.with_conv = with_conv
-        if with_conv:
-            self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.with_conv:
-            return self.conv(F.pad(x, (0, 1, 0, 1)))
-        return F.avg_pool2d(x, kernel_size=2, stride=2)
+        # Asymmetric: a symmetric padding=1 would shift the sampling grid by a pixel against LDM's weights.
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
 class Upsample(nn.Module):
     """Double H and W: nearest-neighbour ×2 then a 3×3 conv."""
 
-    def __init__(self, channels: int, with_conv: bool = True) -> None:
+    def __init__(self, channels: int) -> None:
         super().__init__()
-        self.with_conv = with_conv
-        if with_conv:
-            self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-        return self.conv(x) if self.with_conv else x
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 def validate_ddconfig(
@@ -190,7 +185,6 @@ class Encoder(nn.Module):
         resolution: nominal training resolution (used to place ``attn_resolutions``).
         z_channels: latent channels.
         double_z: output mean and log-variance (2·z_channels) rather than z_channels.
-        resamp_with_conv: strided conv (True, kl-f8) or average pooling for downsampling.
         norm_num_groups: GroupNorm groups (32 in the published models; small values for tiny tests).
         gradient_checkpointing: recompute ResnetBlock activations in backward to save memory.
     """
@@ -208,7 +202,6 @@ class Encoder(nn.Module):
         resolution: int,
         z_channels: int,
         double_z: bool = True,
-        resamp_with_conv: bool = True,
         norm_num_groups: int = 32,
         gradient_checkpointing: bool = False,
     ) -> None:
@@ -235,7 +228,7 @@ class Encoder(nn.Module):
                 if curr_res in attn_resolutions:
                     level.attn.append(AttnBlock(block_in, norm_num_groups))
             if i_level != self.num_resolutions - 1:
-                level.downsample = Downsample(block_in, resamp_with_conv)
+                level.downsample = Downsample(block_in)
                 curr_res //= 2
             self.down.append(level)
 
@@ -261,8 +254,7 @@ class Decoder(nn.Module):
     """Latent (B, z_channels, h, w) → image (B, out_ch, h·f, w·f).
 
     ``up`` is indexed by resolution like the encoder's ``down``: ``up[0]`` is the full-resolution level and
-    ``up[len(ch_mult)-1]`` the lowest, which runs first. Arguments are those of :class:`Encoder`, plus
-    ``give_pre_end`` (return features before the output head) and ``tanh_out``.
+    ``up[len(ch_mult)-1]`` the lowest, which runs first. Arguments are those of :class:`Encoder`.
     """
 
     def __init__(
@@ -278,10 +270,7 @@ class Decoder(nn.Module):
         resolution: int,
         z_channels: int,
         double_z: bool = True,
-        resamp_with_conv: bool = True,
         norm_num_groups: int = 32,
-        give_pre_end: bool = False,
-        tanh_out: bool = False,
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
@@ -293,7 +282,6 @@ class Decoder(nn.Module):
         del double_z  # only the encoder's output width depends on it
         self.num_resolutions = len(ch_mult)
         self.num_res_blocks = num_res_blocks
-        self.give_pre_end, self.tanh_out = give_pre_end, tanh_out
         self.gradient_checkpointing = gradient_checkpointing
 
         block_in = ch * ch_mult[-1]
@@ -311,7 +299,7 @@ class Decoder(nn.Module):
                 if curr_res in attn_resolutions:
                     level.attn.append(AttnBlock(block_in, norm_num_groups))
             if i_level != 0:
-                level.upsample = Upsample(block_in, resamp_with_conv)
+                level.upsample = Upsample(block_in)
                 curr_res *= 2
             levels.insert(0, level)  # keep LDM's indexing: up[0] is full resolution
         self.up = nn.ModuleList(levels)
@@ -331,7 +319,4 @@ class Decoder(nn.Module):
                     h = level.attn[i_block](h)
             if i_level != 0:
                 h = level.upsample(h)
-        if self.give_pre_end:
-            return h
-        h = self.conv_out(F.silu(self.norm_out(h)))  # (B, out_ch, h·f, w·f)
-        return torch.tanh(h) if self.tanh_out else h
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, out_ch, h·f, w·f)
