@@ -17,7 +17,7 @@ import torch
 from klvae.training.cli import main
 from tests.cli_helpers import only_run_dir, tiny_args
 from tests.data.conftest import encode, random_image
-from tests.test_cli import shard_config
+from tests.training.test_cli import shard_config
 
 
 def one_error_line(capsys, prefix: str = "error: ") -> str:

@@ -12,11 +12,9 @@ import torch.nn.functional as F
 from klvae.inference import InferenceVAE, tiled_apply
 from klvae.interop.formats import read_vae_weights, write_vae
 from klvae.modules.vae import KLAutoencoder
+from tests.conftest import tiny_ddconfig_dict
 
-TINY_F2 = dict(
-    double_z=True, z_channels=4, resolution=32, in_channels=3, out_ch=3, ch=8, ch_mult=[1, 2],
-    num_res_blocks=1, attn_resolutions=[], dropout=0.0, norm_num_groups=4,
-)  # fmt: skip
+TINY_F2 = tiny_ddconfig_dict(levels=2)  # f = 2, widths 8/16 (diffusers block_out_channels [8, 16])
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import pytest
 from klvae.training.cli import main
 from tests.cli_helpers import only_run_dir, tiny_args, train_losses, write_nonsquare_photos
 from tests.data.conftest import encode, random_image
-from tests.test_cli import shard_config
+from tests.training.test_cli import shard_config
 
 
 def _compare(full_dir, part_dir, resumed_from: int, total: int) -> None:

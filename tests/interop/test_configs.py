@@ -13,12 +13,9 @@ from klvae.interop.configs import (
 )
 from klvae.modules.config import NetworkConfig
 from klvae.modules.vae import KL_F8_DDCONFIG, KLAutoencoder
+from tests.conftest import tiny_ddconfig_dict
 
-# diffusers' tiny-model vocabulary: block_out_channels [8, 16], norm_num_groups 4 (f = 2).
-TINY = dict(
-    double_z=True, z_channels=4, resolution=32, in_channels=3, out_ch=3, ch=8, ch_mult=[1, 2],
-    num_res_blocks=1, attn_resolutions=[], dropout=0.0, norm_num_groups=4,
-)  # fmt: skip
+TINY = tiny_ddconfig_dict(levels=2)  # f = 2, widths 8/16 (diffusers block_out_channels [8, 16])
 
 
 def test_network_inferred_from_shapes() -> None:

@@ -14,12 +14,9 @@ from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from klvae.interop.export import main
 from klvae.interop.formats import load_vae, read_vae_weights
 from klvae.models.autoencoder import AutoencoderKL
-from tests.conftest import TINY_LOSSCONFIG
+from tests.conftest import TINY_LOSSCONFIG, tiny_ddconfig_dict
 
-TINY = dict(
-    double_z=True, z_channels=4, resolution=32, in_channels=3, out_ch=3, ch=8, ch_mult=[1, 2],
-    num_res_blocks=1, attn_resolutions=[], dropout=0.0, norm_num_groups=4,
-)  # fmt: skip
+TINY = tiny_ddconfig_dict(levels=2)  # f = 2, widths 8/16 (diffusers block_out_channels [8, 16])
 
 
 @pytest.fixture(scope="module")

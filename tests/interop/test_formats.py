@@ -14,12 +14,9 @@ from klvae.interop.formats import FORMATS, VAEWeights, load_vae, read_vae_weight
 from klvae.interop.keys import ldm_to_diffusers
 from klvae.modules.config import NetworkConfig
 from klvae.modules.vae import KLAutoencoder
+from tests.conftest import TINY_LOSSCONFIG, tiny_ddconfig_dict
 
-# diffusers' tiny-model vocabulary: block_out_channels [8, 16], norm_num_groups 4 (f = 2).
-TINY = dict(
-    double_z=True, z_channels=4, resolution=32, in_channels=3, out_ch=3, ch=8, ch_mult=[1, 2],
-    num_res_blocks=1, attn_resolutions=[], dropout=0.0, norm_num_groups=4,
-)  # fmt: skip
+TINY = tiny_ddconfig_dict(levels=2)  # f = 2, widths 8/16 (diffusers block_out_channels [8, 16])
 # FLUX.1-shaped (16 channels, no quant convs) with widths FLUX's hard-coded 32 GroupNorm groups divide.
 FLUX_TINY = {**TINY, "ch": 32, "z_channels": 16, "norm_num_groups": 32}
 
@@ -198,7 +195,6 @@ def test_unknown_files_and_contradicting_records_are_refused(tmp_path) -> None:
 @pytest.mark.parametrize("name", ["klvae-run", *(n for n, f in FORMATS.items() if f.writable)])
 def test_warm_start_ckpt_path_accepts_every_format(tmp_path, name: str) -> None:
     from klvae.models.autoencoder import AutoencoderKL
-    from tests.conftest import TINY_LOSSCONFIG
 
     source = _randomized(AutoencoderKL(TINY, TINY_LOSSCONFIG, embed_dim=4))
     if name == "klvae-run":

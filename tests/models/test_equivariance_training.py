@@ -73,10 +73,10 @@ class ShapeSpy(pl.Callback):
         model.loss.discriminator_loss = lambda x, r, *a, **k: self._log("disc", x, r, disc(x, r, *a, **k))
         adaptive = model.loss.adaptive_weight
 
-        def spy_adaptive(grad_nll, grad_g, recon, last_layer):
-            # the conv_out input saved for λ is the one of the decode that made this x̂
-            self.row["adaptive"] = (last_layer.inputs.shape[-2:], recon.shape[-2:])
-            return adaptive(grad_nll, grad_g, recon, last_layer)
+        def spy_adaptive(grad_nll, grad_g, last_layer):
+            # the conv_out input saved for λ is the one of the decode that made this x̂ (∂nll/∂x̂'s shape)
+            self.row["adaptive"] = (last_layer.inputs.shape[-2:], grad_nll.shape[-2:])
+            return adaptive(grad_nll, grad_g, last_layer)
 
         model.loss.adaptive_weight = spy_adaptive
 

@@ -3,7 +3,7 @@
 The slow tests need checkouts of the reference repositories (nothing is downloaded)::
 
     KLVAE_LDM_REPO=/path/to/latent-diffusion KLVAE_FLUX_REPO=/path/to/flux \\
-        .venv/bin/python -m pytest -q -m slow tests/test_reference_code.py
+        .venv/bin/python -m pytest -q -m slow tests/interop/test_reference_code.py
 
 ``KLVAE_LDM_REPO`` is a CompVis/latent-diffusion checkout (cases ``ldm-kl-f8``, ``ldm-c16``),
 ``KLVAE_FLUX_REPO`` a black-forest-labs/flux checkout (case ``flux``); each case is skipped, with the
