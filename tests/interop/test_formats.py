@@ -141,6 +141,11 @@ def test_klvae_run_prefers_ema_weights(tmp_path) -> None:
     torch.save({"state_dict": live, "hyper_parameters": hparams, "klvae": {}}, path)
     with pytest.raises(ValueError, match="no EMA weights"):
         read_vae_weights(path, use_ema=True)
+    # A run without EMA (and an older one without the "klvae" entry) is still recognised by its arguments:
+    # its recorded network is used, which shapes alone could not give (4 GroupNorm groups).
+    torch.save({"state_dict": live, "hyper_parameters": {**hparams, "lossconfig": {}}}, path)
+    weights = read_vae_weights(path)
+    assert weights.source_format == "klvae-run" and weights.network.norm_num_groups == 4
 
 
 @pytest.mark.parametrize("name", [n for n, f in FORMATS.items() if f.writable])

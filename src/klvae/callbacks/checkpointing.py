@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import secrets
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
-from klvae.interop.files import load_torch_file
+from klvae.interop.files import load_torch_file, torch_save_to, write_atomically
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -43,20 +42,6 @@ log = logging.getLogger(__name__)
 def iteration_of(pl_module: pl.LightningModule) -> int:
     """The training-iteration counter of the model (``model.iteration``; batches, not optimizer steps)."""
     return int(getattr(pl_module, "iteration", 0))
-
-
-def _fsync_dir(directory: Path) -> None:
-    # The rename is only durable once the directory entry itself reaches the disk.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # some filesystems (and Windows) do not allow opening directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _checksum_path(path: Path) -> Path:
@@ -78,51 +63,22 @@ def _recorded_checksums(path: Path) -> list[str]:
     return [line.split()[0] for line in sidecar.read_text().splitlines() if line.strip()]
 
 
-def _open_temp(path: Path) -> tuple[int, str]:
-    # os.open with mode 0o666 lets the umask decide the final mode (mkstemp would force 0600).
-    tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    fd, tmp = _open_temp(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to ``path`` through a temp file in the same directory, fsync and ``os.replace``.
+    """``torch.save`` to ``path`` atomically (:func:`klvae.interop.files.write_atomically`), with its SHA-256.
 
     The SHA-256 goes to ``<path>.sha256`` first (listing the new and the current file's sums), then the
     checkpoint is renamed into place: at every instant the file on disk matches a recorded sum.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _open_temp(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+
+    def record_checksum(tmp: Path) -> None:
         digest = sha256_of(tmp)  # read back from the page cache: what is on disk, not what we meant
         previous = _recorded_checksums(path)[:1] if path.is_file() else []
         lines = [f"{digest}  {path.name}"] + [f"{p}  {path.name} (previous)" for p in previous if p != digest]
-        _write_file(_checksum_path(path), ("\n".join(lines) + "\n").encode())
-        os.replace(tmp, path)
-    except BaseException:
-        # Leave no half-written temp file behind (and never touch the previous good checkpoint).
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+        text = "\n".join(lines) + "\n"
+        write_atomically(_checksum_path(path), lambda side: side.write_text(text))
+
+    write_atomically(path, lambda tmp: torch_save_to(obj, tmp), before_replace=record_checksum)
 
 
 def remove_stale_temp_files(directory: str | os.PathLike) -> list[Path]:

