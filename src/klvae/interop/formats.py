@@ -130,6 +130,7 @@ class VAEFormat:
     name: ClassVar[str]
     description: ClassVar[str]
     writable: ClassVar[bool] = False
+    suffixes: ClassVar[tuple[str, ...]] = ()  # file names it writes (none: a folder)
 
     def detect(self, source: Source) -> bool:
         """Whether ``source`` is in this format (formats are tried in :data:`FORMATS` order)."""
@@ -443,7 +444,7 @@ def write_vae(
         writable = [n for n, f in FORMATS.items() if f.writable]
         raise ValueError(f"cannot write format {format!r}; writable formats: {writable}")
     fmt = FORMATS[format]
-    if format != "diffusers" and out.suffix not in getattr(fmt, "suffixes", ()):
+    if fmt.suffixes and out.suffix not in fmt.suffixes:
         raise ValueError(f"{str(out)!r}: a {format} file is named *{'/*'.join(fmt.suffixes)}")
     if prefix and format == "diffusers":
         raise ValueError("prefix applies to the LDM layouts only, not to a diffusers folder")
@@ -458,7 +459,7 @@ def format_for_path(out: Path) -> str:
     if not out.suffix:
         return "diffusers"
     for name, fmt in FORMATS.items():
-        if out.suffix in getattr(fmt, "suffixes", ()):
+        if out.suffix in fmt.suffixes:
             return name
     raise ValueError(f"{str(out)!r}: name a .safetensors or .ckpt file (LDM layout), or a folder (diffusers)")
 
