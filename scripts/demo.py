@@ -122,7 +122,13 @@ def main() -> int:
         f"data.params.validation.shards={val}",
     ]
     if args.max_iterations is not None:
-        overrides.append(f"lightning.max_iterations={args.max_iterations}")
+        # The warm-up keeps its share of the schedule (100 of the default 3,000 iterations), so a short run
+        # such as --max-iterations 20 is still a valid warm-up + cosine schedule.
+        warmup = min(100, args.max_iterations // 30)
+        overrides += [
+            f"lightning.max_iterations={args.max_iterations}",
+            f"model.params.lr_schedule.warmup_iterations={warmup}",
+        ]
     overrides += args.overrides
     gpus = ["--gpus", "0,"] if torch.cuda.is_available() else []
     cmd = [sys.executable, str(REPO / "main.py"), "-b", str(REPO / "configs" / "demo.yaml"), "-t", "--no-test",
