@@ -129,3 +129,29 @@ def test_finetune_config_builds_a_frozen_encoder_ema_model(tmp_path) -> None:
     assert not any(p.requires_grad for p in model.encoder.parameters())
     assert all(p.requires_grad for p in model.decoder.parameters())
     assert torch.equal(model.ema.decoder.conv_out.weight, source.decoder.conv_out.weight)
+
+
+def test_a_new_format_is_one_registry_entry(run_checkpoint, tmp_path, monkeypatch) -> None:
+    # What a newcomer adds for a new export format: one VAEFormat in FORMATS. klvae-export finds it by
+    # --format and by the file name, with no other change.
+    from klvae.interop import formats
+
+    class HalfPrecision(formats.VAEFormat):
+        name, description, writable, suffixes = (
+            "ldm-fp16",
+            "LDM layout in float16",
+            True,
+            (".fp16.ckpt", ".f16"),
+        )
+
+        def write(self, weights, out, scaling_factor, shift_factor, prefix=""):
+            half = {k: v.half() for k, v in weights.state_dict.items()}
+            return formats.save_torch_file(half, out)
+
+    monkeypatch.setitem(formats.FORMATS, "ldm-fp16", HalfPrecision())
+    path, _ = run_checkpoint
+    assert main([str(path), "--format", "ldm-fp16", "--out", str(tmp_path / "a.fp16.ckpt")]) == 0
+    assert main([str(path), "--out", str(tmp_path / "b.f16")]) == 0  # chosen from the suffix
+    for name in ("a.fp16.ckpt", "b.f16"):
+        state = torch.load(tmp_path / name, weights_only=True)["state_dict"]
+        assert state["decoder.conv_out.weight"].dtype == torch.float16

@@ -444,7 +444,7 @@ def write_vae(
         writable = [n for n, f in FORMATS.items() if f.writable]
         raise ValueError(f"cannot write format {format!r}; writable formats: {writable}")
     fmt = FORMATS[format]
-    if fmt.suffixes and out.suffix not in fmt.suffixes:
+    if fmt.suffixes and not out.name.endswith(fmt.suffixes):
         raise ValueError(f"{str(out)!r}: a {format} file is named *{'/*'.join(fmt.suffixes)}")
     if prefix and format == "diffusers":
         raise ValueError("prefix applies to the LDM layouts only, not to a diffusers folder")
@@ -458,9 +458,11 @@ def format_for_path(out: Path) -> str:
     """The writable format a file name implies (see :func:`write_vae`)."""
     if not out.suffix:
         return "diffusers"
-    for name, fmt in FORMATS.items():
-        if out.suffix in fmt.suffixes:
-            return name
+    # The longest matching ending wins: "vae.fp16.ckpt" belongs to a format naming ".fp16.ckpt" over ".ckpt".
+    matches = [(len(sfx), name) for name, fmt in FORMATS.items() if fmt.writable for sfx in fmt.suffixes
+               if out.name.endswith(sfx)]  # fmt: skip
+    if matches:
+        return max(matches)[1]
     raise ValueError(f"{str(out)!r}: name a .safetensors or .ckpt file (LDM layout), or a folder (diffusers)")
 
 
