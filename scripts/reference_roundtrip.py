@@ -1,6 +1,6 @@
 """Check klvae's VAE weights against the original reference code of LDM and FLUX.1, not only diffusers.
 
-    python scripts/reference_roundtrip.py --ldm-repo PATH --flux-repo PATH [--cases ldm-kl-f8 ldm-c16 flux]
+    python scripts/reference_roundtrip.py --ldm-repo PATH --flux-repo PATH [--cases ldm-kl-f8 ldm-c16 ldm-c16-noquant flux]
 
 ``--ldm-repo`` is a checkout of CompVis/latent-diffusion, ``--flux-repo`` one of black-forest-labs/flux
 (nothing is downloaded; their code is imported from the checkouts). For each case a klvae network with random
@@ -18,6 +18,9 @@ Cases:
   ``load_state_dict(strict=True)`` on the same ``state_dict``. Compared: posterior mean and logvar (LDM's
   ``DiagonalGaussianDistribution``) and the decode of klvae's posterior mean.
 * ``ldm-c16``: the same with 16 latent channels (LDM's ``z_channels: 16, embed_dim: 16``).
+* ``ldm-c16-noquant``: an SD3/FLUX.1-shaped network (16 channels, no quant convs) in LDM's ``AutoencoderKL``,
+  which always builds the convs: ``klvae-export --identity-quant-convs`` writes them as exact identity 1×1
+  convs, and LDM's outputs must equal klvae's network without them.
 * ``flux``: FLUX.1's ``AutoEncoder(AutoEncoderParams(...))`` (``src/flux/modules/autoencoder.py``;
   ch 128, ch_mult [1, 2, 4, 4], 2 res blocks, z_channels 16, scale 0.3611, shift 0.1159) loads klvae's
   16-channel network without quant convs written as a bare ``.safetensors`` without metadata (the layout
@@ -57,7 +60,7 @@ import torch
 
 from klvae import KLAutoencoder, NetworkConfig, load_vae
 
-CASES = ("ldm-kl-f8", "ldm-c16", "flux")
+CASES = ("ldm-kl-f8", "ldm-c16", "ldm-c16-noquant", "flux")
 # FLUX.1's published autoencoder (black-forest-labs/flux, src/flux/util.py: ae_params).
 FLUX_SCALE_FACTOR = 0.3611
 FLUX_SHIFT_FACTOR = 0.1159
@@ -192,8 +195,10 @@ class LDMModulesAsAutoencoderKL(torch.nn.Module):
         return self.decoder(self.post_quant_conv(z))
 
 
-def run_ldm_case(name: str, z_channels: int, small: bool, workdir: Path, report: CaseReport) -> None:
-    network = network_config(z_channels, quant_convs=True, small=small)
+def run_ldm_case(
+    name: str, z_channels: int, small: bool, workdir: Path, report: CaseReport, quant_convs: bool = True
+) -> None:
+    network = network_config(z_channels, quant_convs=quant_convs, small=small)
     ours = random_network(network, seed=z_channels)
     x = sample_input(seed=1)
     with torch.no_grad():
@@ -203,11 +208,14 @@ def run_ldm_case(name: str, z_channels: int, small: bool, workdir: Path, report:
     torch.save({"state_dict": ours.state_dict()}, saved)
     exported = workdir / f"{name}-klvae-export.ckpt"
     command = [*klvae_export_command(), str(saved), "--format", "ldm", "--out", str(exported)]
+    if not quant_convs:  # LDM's AutoencoderKL always has them: the export writes exact identity convs
+        command.append("--identity-quant-convs")
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         report.errors.append(f"{' '.join(command)} exited {done.returncode}: {done.stderr.strip()[-2000:]}")
         return
-    for label, ckpt in (("torch.save .ckpt", saved), ("klvae-export .ckpt", exported)):
+    files = [("torch.save .ckpt", saved)] if quant_convs else []  # without convs only the export fits LDM
+    for label, ckpt in (*files, ("klvae-export .ckpt", exported)):
         theirs = ldm_reference(network.ddconfig(), network.embed_dim, ckpt, report)
         with torch.no_grad():
             their_posterior = theirs.encode(x)
@@ -336,7 +344,9 @@ def main(argv: list[str] | None = None) -> int:
                 if case == "flux":
                     run_flux_case(args.small, Path(tmp), report)
                 else:
-                    run_ldm_case(case, 4 if case == "ldm-kl-f8" else 16, args.small, Path(tmp), report)
+                    channels = 4 if case == "ldm-kl-f8" else 16
+                    quant = case != "ldm-c16-noquant"
+                    run_ldm_case(case, channels, args.small, Path(tmp), report, quant_convs=quant)
             except Exception as e:  # a strict-load failure is a result to report, not a crash
                 report.errors.append(f"{type(e).__name__}: {e}")
             report.seconds = time.perf_counter() - start

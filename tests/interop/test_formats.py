@@ -224,3 +224,27 @@ def test_warm_start_ckpt_path_accepts_every_format(tmp_path, name: str) -> None:
         assert torch.equal(
             ours["loss.discriminator.main.0.weight"], theirs["loss.discriminator.main.0.weight"]
         )
+
+
+def test_identity_quant_convs_make_an_sd3_flux_vae_loadable_by_ldm_code_exactly(tmp_path) -> None:
+    from klvae.interop.formats import with_identity_quant_convs
+
+    flux = _randomized(
+        KLAutoencoder.from_ddconfig(FLUX_TINY, 16, use_quant_conv=False, use_post_quant_conv=False)
+    )
+    weights = with_identity_quant_convs(VAEWeights(flux.state_dict(), flux.network, "ldm-safetensors"))
+    assert weights.network.use_quant_conv and weights.network.use_post_quant_conv
+    assert weights.state_dict["quant_conv.weight"].shape == (32, 32, 1, 1)  # 2 · embed_dim moments
+    # Written and read back, it is a network with (identity) quant convs that computes the same thing.
+    back = load_vae(write_vae(weights, tmp_path / "vae.ckpt"))
+    assert back.network.use_quant_conv and len(back.state_dict()) == len(flux.state_dict()) + 4
+    x = torch.rand(2, 3, 32, 48) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(back.encode(x).mean, flux.encode(x).mean, rtol=0, atol=1e-6)
+        torch.testing.assert_close(back.encode(x).logvar, flux.encode(x).logvar, rtol=0, atol=1e-6)
+        z = flux.encode(x).mean
+        torch.testing.assert_close(back.decode(z), flux.decode(z), rtol=0, atol=1e-6)
+    kl_f8 = VAEWeights(
+        KLAutoencoder.from_ddconfig(TINY, 4).state_dict(), NetworkConfig.from_params(TINY, 4), "x"
+    )
+    assert with_identity_quant_convs(kl_f8) is kl_f8  # nothing to add

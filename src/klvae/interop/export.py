@@ -23,7 +23,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from klvae.interop.formats import FORMATS, VAEWeights, format_for_path, read_vae_weights, write_vae
+from klvae.interop.formats import (
+    FORMATS,
+    VAEWeights,
+    format_for_path,
+    read_vae_weights,
+    with_identity_quant_convs,
+    write_vae,
+)
 
 __all__ = ["main", "resolve_latent_factors"]
 
@@ -91,6 +98,12 @@ def _parser() -> argparse.ArgumentParser:
         "--no-ema", dest="use_ema", action="store_const", const=False, help="export live (non-EMA) weights"
     )
     p.add_argument("--prefix", default="", help="ldm format: key prefix, e.g. first_stage_model.")
+    p.add_argument(
+        "--identity-quant-convs",
+        action="store_true",
+        help="write absent quant convs (SD3/FLUX.1-shaped VAEs) as exact identity 1x1 convs, for LDM/SD code "
+        "whose AutoencoderKL always has them",
+    )
     p.add_argument("--ddconfig", default=None, help="JSON ddconfig when the checkpoint does not record one")
     p.add_argument("--traceback", action="store_true", help="show full tracebacks for user errors too")
     return p
@@ -132,6 +145,8 @@ def _run(args: argparse.Namespace) -> None:
         f"checkpoint {args.checkpoint}",
         lambda: read_vae_weights(args.checkpoint, ddconfig=ddconfig, use_ema=args.use_ema),
     )
+    if args.identity_quant_convs:
+        weights = with_identity_quant_convs(weights)
     scale, shift = resolve_latent_factors(
         weights, args.scaling_factor, args.shift_factor, args.latent_stats, args.with_shift
     )
@@ -142,6 +157,13 @@ def _run(args: argparse.Namespace) -> None:
     )
     if args.format == "ldm" and fmt == "diffusers":
         raise ConfigError(f"--format ldm: name a .safetensors or .ckpt file, got --out {args.out!r}")
+    network = weights.network
+    if fmt.startswith("ldm") and not (network.use_quant_conv and network.use_post_quant_conv):
+        log.warning(
+            "this VAE has no quant_conv/post_quant_conv (SD3/FLUX.1 shape): LDM/SD's AutoencoderKL always builds "
+            "them and loads non-strictly, so they would stay random there; pass --identity-quant-convs for "
+            "that code (diffusers and FLUX.1 read the file as it is)"
+        )
     if fmt == "diffusers" and scale is None:
         raise ConfigError(
             "the diffusers config needs scaling_factor. Compute it with klvae-latent-stats and "

@@ -20,6 +20,7 @@ all consume. To add a format, subclass :class:`VAEFormat` and add an instance to
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Mapping
@@ -59,6 +60,7 @@ __all__ = [
     "detect_format",
     "load_vae",
     "read_vae_weights",
+    "with_identity_quant_convs",
     "write_vae",
 ]
 
@@ -464,6 +466,32 @@ def format_for_path(out: Path) -> str:
     if matches:
         return max(matches)[1]
     raise ValueError(f"{str(out)!r}: name a .safetensors or .ckpt file (LDM layout), or a folder (diffusers)")
+
+
+def with_identity_quant_convs(weights: VAEWeights) -> VAEWeights:
+    """The same VAE with its absent quant convs written as identity 1×1 convs (weight I, bias 0).
+
+    For code whose network always has them: LDM's and SD's ``AutoencoderKL`` (CompVis/latent-diffusion) build
+    ``quant_conv``/``post_quant_conv`` unconditionally and ``init_from_ckpt`` loads non-strictly, so an SD3/
+    FLUX.1-shaped file would leave them random there. The result is exact: an identity 1×1 conv returns its
+    input (absent convs imply ``embed_dim == z_channels``). Returns ``weights`` itself when both exist.
+    """
+    network = weights.network
+    if network.use_quant_conv and network.use_post_quant_conv:
+        return weights
+    like = weights.state_dict["decoder.conv_in.weight"]
+
+    def identity(channels: int) -> dict[str, torch.Tensor]:
+        eye = torch.eye(channels, dtype=like.dtype).reshape(channels, channels, 1, 1)
+        return {"weight": eye, "bias": torch.zeros(channels, dtype=like.dtype)}
+
+    state = dict(weights.state_dict)
+    if not network.use_quant_conv:
+        state.update({f"quant_conv.{k}": v for k, v in identity(2 * network.embed_dim).items()})
+    if not network.use_post_quant_conv:
+        state.update({f"post_quant_conv.{k}": v for k, v in identity(network.z_channels).items()})
+    with_convs = dataclasses.replace(network, use_quant_conv=True, use_post_quant_conv=True)
+    return dataclasses.replace(weights, state_dict=state, network=with_convs)
 
 
 def build_vae(weights: VAEWeights) -> KLAutoencoder:
