@@ -6,10 +6,11 @@ status 2; anything else is a bug in klvae and keeps its traceback.
 
 from __future__ import annotations
 
+import argparse
 import errno
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 __all__ = [
@@ -20,6 +21,8 @@ __all__ = [
     "is_user_error",
     "load_user_file",
     "one_line",
+    "report_user_error",
+    "run_cli",
     "run_tool",
 ]
 
@@ -104,6 +107,28 @@ def run_tool(prog: str, body: Callable[[], Any], traceback: bool) -> int:
         if traceback or not is_user_error(e):
             raise
         logging.getLogger(__name__).debug("user error", exc_info=True)
-        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
-        return 2
+        return report_user_error(e, prog)
     return 0
+
+
+def run_cli(
+    prog: str,
+    parser: argparse.ArgumentParser,
+    body: Callable[[argparse.Namespace], Any],
+    argv: Sequence[str] | None = None,
+) -> int:
+    """A side tool's ``main``: INFO logging, parse ``argv`` (the parser has ``--traceback``), then
+    :func:`run_tool` on ``body(args)``."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parser.parse_args(argv)
+    return run_tool(prog, lambda: body(args), args.traceback)
+
+
+def report_user_error(e: BaseException, prog: str | None = None) -> int:
+    """Write a user error as the command line's one ``[prog: ]error: ...`` line on stderr; returns status 2.
+
+    The terminal output of the tools (as ``argparse``'s ``parser.error``), not a log record: it must look the
+    same whatever logging configuration the caller has.
+    """
+    sys.stderr.write(f"{prog + ': ' if prog else ''}error: {one_line(e)}\n")
+    return 2

@@ -6,35 +6,18 @@ import json
 
 import pytest
 import torch
-from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from safetensors.torch import save_file
 
-from klvae.interop.configs import diffusers_config
 from klvae.interop.formats import FORMATS, VAEWeights, load_vae, read_vae_weights, write_vae
 from klvae.interop.keys import ldm_to_diffusers
 from klvae.modules.config import NetworkConfig
 from klvae.modules.vae import KLAutoencoder
 from tests.conftest import TINY_LOSSCONFIG, tiny_ddconfig_dict
+from tests.interop.helpers import diffusers_from, randomized
 
 TINY = tiny_ddconfig_dict(levels=2)  # f = 2, widths 8/16 (diffusers block_out_channels [8, 16])
 # FLUX.1-shaped (16 channels, no quant convs) with widths FLUX's hard-coded 32 GroupNorm groups divide.
 FLUX_TINY = {**TINY, "ch": 32, "z_channels": 16, "norm_num_groups": 32}
-
-
-def _randomized(model: torch.nn.Module) -> torch.nn.Module:
-    # Default init leaves GroupNorm at (1, 0); random values make a wrong mapping visible in outputs.
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.2)
-    return model.eval()
-
-
-def _diffusers_from(ddconfig: dict, state: dict) -> DiffusersAutoencoderKL:
-    config = diffusers_config(NetworkConfig.from_params(ddconfig, 4), scaling_factor=0.5)
-    config.pop("_class_name")
-    model = DiffusersAutoencoderKL(**config)
-    model.load_state_dict(ldm_to_diffusers(state), strict=True)
-    return model.eval()
 
 
 FORMAT_OF = {
@@ -50,7 +33,7 @@ FORMAT_OF = {
     "kind", ["lightning_sd", "bare", "safetensors_ldm", "safetensors_diffusers", "folder"]
 )
 def test_load_vae_from_every_layout(tmp_path, kind: str) -> None:
-    ours = _randomized(KLAutoencoder.from_ddconfig(TINY, 4))
+    ours = randomized(KLAutoencoder.from_ddconfig(TINY, 4))
     state = ours.state_dict()
     if kind == "lightning_sd":  # a full SD-style checkpoint: first_stage_model. plus unrelated keys
         path = tmp_path / "sd.ckpt"
@@ -67,7 +50,7 @@ def test_load_vae_from_every_layout(tmp_path, kind: str) -> None:
         save_file({k: v.contiguous() for k, v in ldm_to_diffusers(state).items()}, str(path))
     else:
         path = tmp_path / "pipeline"
-        _diffusers_from(TINY, state).save_pretrained(path / "vae")
+        diffusers_from(TINY, state).save_pretrained(path / "vae")
     weights = read_vae_weights(path, ddconfig=None if kind == "folder" else TINY)
     assert weights.source_format == FORMAT_OF[kind]
     loaded = load_vae(path, ddconfig=None if kind == "folder" else TINY)
@@ -108,7 +91,7 @@ def test_unsafe_pickle_is_refused(tmp_path) -> None:
 
 def test_flux_ae_safetensors_layout_reads_from_tensors_alone(tmp_path) -> None:
     # FLUX.1's ae.safetensors: LDM names, no quant convs, no metadata; 16 channels.
-    ours = _randomized(
+    ours = randomized(
         KLAutoencoder.from_ddconfig(FLUX_TINY, 16, use_quant_conv=False, use_post_quant_conv=False)
     )
     path = tmp_path / "ae.safetensors"
@@ -152,7 +135,7 @@ def test_klvae_run_prefers_ema_weights(tmp_path) -> None:
 @pytest.mark.parametrize("quant_convs", [True, False])
 def test_every_writable_format_reads_back_exactly(tmp_path, name: str, quant_convs: bool) -> None:
     ddconfig = TINY if quant_convs else {**TINY, "z_channels": 4}
-    model = _randomized(KLAutoencoder.from_ddconfig(ddconfig, 4, quant_convs, quant_convs))
+    model = randomized(KLAutoencoder.from_ddconfig(ddconfig, 4, quant_convs, quant_convs))
     weights = VAEWeights(model.state_dict(), model.network, "ldm-ckpt")
     out = tmp_path / {"diffusers": "vae", "ldm-safetensors": "vae.safetensors", "ldm-ckpt": "vae.ckpt"}[name]
     assert write_vae(weights, out, scaling_factor=0.25, shift_factor=0.125) == out  # format from the name
@@ -201,7 +184,7 @@ def test_unknown_files_and_contradicting_records_are_refused(tmp_path) -> None:
 def test_warm_start_ckpt_path_accepts_every_format(tmp_path, name: str) -> None:
     from klvae.models.autoencoder import AutoencoderKL
 
-    source = _randomized(AutoencoderKL(TINY, TINY_LOSSCONFIG, embed_dim=4))
+    source = randomized(AutoencoderKL(TINY, TINY_LOSSCONFIG, embed_dim=4))
     if name == "klvae-run":
         path = tmp_path / "last.ckpt"
         torch.save(
@@ -229,7 +212,7 @@ def test_warm_start_ckpt_path_accepts_every_format(tmp_path, name: str) -> None:
 def test_identity_quant_convs_make_an_sd3_flux_vae_loadable_by_ldm_code_exactly(tmp_path) -> None:
     from klvae.interop.formats import with_identity_quant_convs
 
-    flux = _randomized(
+    flux = randomized(
         KLAutoencoder.from_ddconfig(FLUX_TINY, 16, use_quant_conv=False, use_post_quant_conv=False)
     )
     weights = with_identity_quant_convs(VAEWeights(flux.state_dict(), flux.network, "ldm-safetensors"))

@@ -21,24 +21,9 @@ from klvae.interop.keys import (
 from klvae.modules.config import NetworkConfig
 from klvae.modules.vae import KL_F8_DDCONFIG, KLAutoencoder
 from tests.conftest import tiny_ddconfig_dict
+from tests.interop.helpers import diffusers_from, randomized
 
 TINY = tiny_ddconfig_dict(levels=2)  # f = 2, widths 8/16 (diffusers block_out_channels [8, 16])
-
-
-def _randomized(model: torch.nn.Module) -> torch.nn.Module:
-    # Default init leaves GroupNorm at (1, 0); random values make a wrong mapping visible in outputs.
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.2)
-    return model.eval()
-
-
-def _diffusers_from(ddconfig: dict, state: dict) -> DiffusersAutoencoderKL:
-    config = diffusers_config(NetworkConfig.from_params(ddconfig, 4), scaling_factor=0.5)
-    config.pop("_class_name")
-    model = DiffusersAutoencoderKL(**config)
-    model.load_state_dict(ldm_to_diffusers(state), strict=True)
-    return model.eval()
 
 
 def test_full_kl_f8_keys_map_one_to_one_to_diffusers() -> None:
@@ -60,7 +45,7 @@ def test_full_kl_f8_keys_map_one_to_one_to_diffusers() -> None:
 
 
 def test_decoder_level_index_is_reversed() -> None:
-    state = _randomized(KLAutoencoder.from_ddconfig(TINY, 4)).state_dict()
+    state = randomized(KLAutoencoder.from_ddconfig(TINY, 4)).state_dict()
     mapped = ldm_to_diffusers(state)
     # up.1 is the lowest resolution in LDM and runs first: diffusers' up_blocks.0.
     assert torch.equal(
@@ -74,8 +59,8 @@ def test_decoder_level_index_is_reversed() -> None:
 
 
 def test_diffusers_outputs_match_klvae() -> None:
-    ours = _randomized(KLAutoencoder.from_ddconfig(TINY, 4))
-    theirs = _diffusers_from(TINY, ours.state_dict())
+    ours = randomized(KLAutoencoder.from_ddconfig(TINY, 4))
+    theirs = diffusers_from(TINY, ours.state_dict())
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         mean = ours.encode(x).mean
@@ -84,13 +69,13 @@ def test_diffusers_outputs_match_klvae() -> None:
 
 
 def test_ldm_diffusers_ldm_round_trip_is_exact() -> None:
-    state = _randomized(KLAutoencoder.from_ddconfig(TINY, 4)).state_dict()
+    state = randomized(KLAutoencoder.from_ddconfig(TINY, 4)).state_dict()
     back = diffusers_to_ldm(ldm_to_diffusers(state))
     assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
 
 
 def test_old_diffusers_attention_names_load() -> None:
-    state = ldm_to_diffusers(_randomized(KLAutoencoder.from_ddconfig(TINY, 4)).state_dict())
+    state = ldm_to_diffusers(randomized(KLAutoencoder.from_ddconfig(TINY, 4)).state_dict())
     old = {k.replace("to_q.", "query.").replace("to_out.0.", "proj_attn."): v for k, v in state.items()}
     assert torch.equal(
         diffusers_to_ldm(old)["encoder.mid.attn_1.q.weight"][:, :, 0, 0],

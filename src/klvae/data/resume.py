@@ -4,8 +4,8 @@ Lightning (2.3+) stores ``state_dict()`` of every training DataLoader that has o
 calls ``load_state_dict`` on resume before iterating. The position saved is (epoch, batches this rank
 has trained on in it), read from the fit loop's progress counters at save time -- not from the loader,
 which has already prefetched batches the model never saw. On resume the next iteration of that epoch
-skips exactly those batches; everything else (order, crops, flips) is a pure function of the seed,
-rank, epoch and sample position, so the batches after the resume are the uninterrupted run's.
+skips exactly those batches; everything else (order, crops, flips) is a pure function of
+``data.params.seed``, rank, epoch and sample position, so the batches after the resume are the uninterrupted run's.
 
 ``ResumableSampler`` serves the map-style folder dataset: a ``DistributedSampler`` (so Lightning never
 replaces it under DDP) whose permutation depends on (seed, epoch) only, yielding ``(epoch, index)`` so

@@ -204,11 +204,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from klvae.errors import run_tool
+    from klvae.errors import run_cli
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = _parser().parse_args(argv)
-    return run_tool("klvae-eval", lambda: _run(args), args.traceback)
+    return run_cli("klvae-eval", _parser(), _run, argv)
 
 
 def _run(args: argparse.Namespace) -> None:

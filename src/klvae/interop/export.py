@@ -110,11 +110,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from klvae.errors import run_tool
+    from klvae.errors import run_cli
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = _parser().parse_args(argv)
-    return run_tool("klvae-export", lambda: _run(args), args.traceback)
+    return run_cli("klvae-export", _parser(), _run, argv)
 
 
 def _json_arg(flag: str, text: str) -> Any:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -260,62 +260,53 @@ class KlvaeRunFormat(VAEFormat):
             loss_state_dict=_loss_tensors(tensors),
         )
         hparams = source.file.metadata.get("hyper_parameters") or {}
-        if hparams.get("ddconfig") is not None:
-            contents.recorded = network_from_state_dict(contents.state_dict, ddconfig=hparams["ddconfig"])
+        if hparams.get("ddconfig") is not None and hparams.get("embed_dim") is not None:
+            flags = {k: hparams.get(k) is not False for k in ("use_quant_conv", "use_post_quant_conv")}
+            contents.recorded = NetworkConfig.from_params(hparams["ddconfig"], hparams["embed_dim"], **flags)
         return contents
 
 
-class LdmSafetensorsFormat(VAEFormat):
+class LdmLayoutFormat(VAEFormat):
+    """LDM's own tensor names in one container; the two subclasses differ only in the container."""
+
+    writable = True
+    safetensors: ClassVar[bool]
+    save: ClassVar[Callable[..., Path]]  # (tensors, path, metadata) -> path
+
+    def detect(self, source: Source) -> bool:
+        return source.file.is_safetensors == self.safetensors and is_ldm_layout(source.keys)
+
+    def read(self, source: Source, use_ema: bool | None) -> Contents:
+        return _read_ldm_layout(source)
+
+    def write(
+        self,
+        weights: VAEWeights,
+        out: Path,
+        scaling_factor: float | None,
+        shift_factor: float | None,
+        prefix: str = "",
+    ) -> Path:
+        state = {prefix + k: v for k, v in weights.state_dict.items()}
+        return type(self).save(
+            state, out, {EXPORT_META_KEY: _export_meta(weights, scaling_factor, shift_factor)}
+        )
+
+
+class LdmSafetensorsFormat(LdmLayoutFormat):
     name = "ldm-safetensors"
     description = "LDM-layout .safetensors: bare VAE (SDXL sdxl_vae, FLUX.1 ae) or full SD/SD3 checkpoint"
-    writable = True
     suffixes = (SAFETENSORS_SUFFIX,)
-
-    def detect(self, source: Source) -> bool:
-        return source.file.is_safetensors and is_ldm_layout(source.keys)
-
-    def read(self, source: Source, use_ema: bool | None) -> Contents:
-        return _read_ldm_layout(source)
-
-    def write(
-        self,
-        weights: VAEWeights,
-        out: Path,
-        scaling_factor: float | None,
-        shift_factor: float | None,
-        prefix: str = "",
-    ) -> Path:
-        state = {prefix + k: v for k, v in weights.state_dict.items()}
-        return save_safetensors(
-            state, out, {EXPORT_META_KEY: _export_meta(weights, scaling_factor, shift_factor)}
-        )
+    safetensors = True
+    save = staticmethod(save_safetensors)
 
 
-class LdmCkptFormat(VAEFormat):
+class LdmCkptFormat(LdmLayoutFormat):
     name = "ldm-ckpt"
     description = "LDM/SD torch checkpoint (.ckpt/.pth/.pt/.bin), {'state_dict': ...} or bare, any prefix"
-    writable = True
     suffixes = (".ckpt", ".pth", ".pt", ".bin")
-
-    def detect(self, source: Source) -> bool:
-        return not source.file.is_safetensors and is_ldm_layout(source.keys)
-
-    def read(self, source: Source, use_ema: bool | None) -> Contents:
-        return _read_ldm_layout(source)
-
-    def write(
-        self,
-        weights: VAEWeights,
-        out: Path,
-        scaling_factor: float | None,
-        shift_factor: float | None,
-        prefix: str = "",
-    ) -> Path:
-        # {"state_dict": ...} is what LDM's AutoencoderKL.init_from_ckpt reads; plain containers only.
-        state = {prefix + k: v for k, v in weights.state_dict.items()}
-        return save_torch_file(
-            state, out, {EXPORT_META_KEY: _export_meta(weights, scaling_factor, shift_factor)}
-        )
+    safetensors = False
+    save = staticmethod(save_torch_file)  # {"state_dict": ...}: what LDM's AutoencoderKL.init_from_ckpt reads
 
 
 # Tried in this order: a folder or diffusers names first, then a klvae run (it records itself), then LDM layout.

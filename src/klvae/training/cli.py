@@ -20,7 +20,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from klvae.errors import is_user_error, one_line
+from klvae.errors import is_user_error, report_user_error
 
 __all__ = ["build_parser", "main"]
 
@@ -181,8 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception as e:
             if args.traceback or not is_user_error(e):
                 raise
-            print(f"error: {one_line(e)}", file=sys.stderr)
-            return 2
+            return report_user_error(e)
     finally:
         # In-process callers (tests, notebooks) must not inherit this run's directory in their next run.
         if saved_env is None:
