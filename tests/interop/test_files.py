@@ -62,3 +62,15 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp_file(tmp_path) -> None:
         write_atomically(target, crash)
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["vae.safetensors"]
+
+
+def test_written_files_get_the_umask_mode_not_0600(tmp_path) -> None:
+    # Exports and checkpoints are shared on clusters: the mode is what a plain open() would give.
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        path = save_safetensors({"a": torch.zeros(1)}, tmp_path / "shared.safetensors")
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644

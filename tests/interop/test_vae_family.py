@@ -277,3 +277,24 @@ def test_main_py_trains_the_16_channel_recipe_and_exports_it_for_diffusers(tmp_p
     ours = InferenceVAE.from_pretrained(folder)
     theirs = DiffusersAutoencoderKL.from_pretrained(folder).eval()
     _assert_same_codec(theirs, lambda x: ours.encode(x), lambda z: ours.decode(z))
+
+
+def test_ldm_knobs_load_at_ldm_values_only(tiny_ddconfig) -> None:
+    # LDM configs may spell out Decoder knobs no published VAE changes; other values are refused, named.
+    from klvae.errors import ConfigError
+
+    spelled = {**tiny_ddconfig, "resamp_with_conv": True, "give_pre_end": False, "tanh_out": False}
+    assert NetworkConfig.from_params(spelled, 4) == NetworkConfig.from_params(tiny_ddconfig, 4)
+    assert "tanh_out" not in NetworkConfig.from_params(spelled, 4).ddconfig()
+    for key, value in (("tanh_out", True), ("give_pre_end", True), ("resamp_with_conv", False)):
+        with pytest.raises(ConfigError, match=f"ddconfig.{key}={value} is not supported"):
+            NetworkConfig.from_params({**tiny_ddconfig, key: value}, 4)
+
+
+def test_the_lightning_module_is_the_network_class(tiny_ddconfig, tiny_lossconfig) -> None:
+    # One implementation of encode/decode: AutoencoderKL extends KLAutoencoder, same modules and keys.
+    model = AutoencoderKL(tiny_ddconfig, tiny_lossconfig, embed_dim=4)
+    assert isinstance(model, KLAutoencoder)
+    assert AutoencoderKL.encode is KLAutoencoder.encode and AutoencoderKL.decode is KLAutoencoder.decode
+    plain = KLAutoencoder.from_ddconfig(tiny_ddconfig, 4)
+    assert set(plain.state_dict()) == {k for k in model.state_dict() if not k.startswith(("loss.", "ema."))}
