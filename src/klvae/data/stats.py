@@ -82,6 +82,15 @@ class DataStatsCallback(pl.Callback):
         super().__init__()
         self.total = dict.fromkeys(SKIP_KINDS, 0)
 
+    # The running total goes into the checkpoint (Lightning saves callback states): a resumed run keeps
+    # counting the run's skipped samples, not one launch's.
+    def state_dict(self) -> dict[str, Any]:
+        return {"total": dict(self.total)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for kind, value in state_dict.get("total", {}).items():
+            self.total[kind] = int(value)
+
     def _log(
         self, pl_module: pl.LightningModule, prefix: str, counts: dict[str, int], batch_size: int
     ) -> None:

@@ -16,13 +16,13 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from klvae.errors import TrainingDivergedError
 from klvae.evaluation.metrics import reconstruction_scores
 from klvae.interop.configs import network_from_state_dict
 from klvae.interop.formats import VAEWeights, read_vae_weights
 from klvae.interop.keys import NETWORK_PREFIXES
 from klvae.models.ema import ModuleEMA
 from klvae.models.lr_schedule import LRSchedule
+from klvae.models.nonfinite import NonFiniteGuard, NonFiniteTrainingError
 from klvae.modules.config import NetworkConfig
 from klvae.modules.equivariance import Branch, EquivarianceSchedule
 from klvae.modules.losses import LastLayer
@@ -36,10 +36,6 @@ __all__ = ["AutoencoderKL", "NonFiniteTrainingError"]
 log = logging.getLogger(__name__)
 
 _SCHEDULES = ("alternate", "every_batch")
-
-
-class NonFiniteTrainingError(TrainingDivergedError):
-    """Too many updates in a row had a non-finite loss or gradient: the run has diverged."""
 
 
 class _SavedInput:
@@ -106,8 +102,8 @@ class AutoencoderKL(KLAutoencoder, pl.LightningModule):
         gradient_clip_val: clip each optimizer's gradient norm to this value (None: off), after unscaling
             under ``16-mixed`` (in :meth:`on_before_optimizer_step`).
         max_nonfinite_in_a_row: an update whose loss or gradient is not finite is skipped (no optimizer
-            step; counted as ``train/skipped_nonfinite``); this many skipped updates in a row stop the run
-            with :class:`NonFiniteTrainingError`.
+            step, no EMA update; counted as ``train/skipped_nonfinite``, on every DDP rank alike); this many
+            skipped updates in a row of one optimizer stop the run with :class:`NonFiniteTrainingError`.
         ema_decay: keep an EMA of the autoencoder weights, used for validation, images and export.
         train_decoder_only: freeze encoder and quant_conv when present (the sd-vae-ft recipe).
         ckpt_path: warm start from an LDM/SD/klvae checkpoint, a klvae export or diffusers weights
@@ -163,10 +159,6 @@ class AutoencoderKL(KLAutoencoder, pl.LightningModule):
             )
         if gradient_clip_val is not None and gradient_clip_val <= 0:
             raise ValueError(f"gradient_clip_val must be > 0 or null, got {gradient_clip_val!r}")
-        if not isinstance(max_nonfinite_in_a_row, int) or max_nonfinite_in_a_row < 1:
-            raise ValueError(
-                f"max_nonfinite_in_a_row must be an integer >= 1, got {max_nonfinite_in_a_row!r}"
-            )
         if len(adam_betas) != 2:
             raise ValueError(f"adam_betas must be two numbers, got {adam_betas!r}")
         lossconfig = to_container(lossconfig)
@@ -258,12 +250,8 @@ class AutoencoderKL(KLAutoencoder, pl.LightningModule):
         # The decoder's conv_out input, for the adaptive weight (registered after the EMA copy was made).
         self._conv_out_input = _SavedInput()
         self.decoder.conv_out.register_forward_hook(self._conv_out_input)
-        # Non-finite guard, on the device so that no step waits for the host (see on_before_optimizer_step).
-        self.max_nonfinite_in_a_row = max_nonfinite_in_a_row
-        self.register_buffer("_nonfinite_skipped", torch.zeros((), dtype=torch.long), persistent=False)
-        self.register_buffer("_nonfinite_streak", torch.zeros((), dtype=torch.long), persistent=False)
-        self.register_buffer("_nonfinite_worst", torch.zeros((), dtype=torch.long), persistent=False)
-        self._loss_finite: torch.Tensor | None = None
+        # Non-finite guard, on the device so that no step waits for the host (klvae.models.nonfinite).
+        self.nonfinite = NonFiniteGuard(("autoencoder", "discriminator"), max_nonfinite_in_a_row)
 
     # ------------------------------------------------------------------ basics
     @property
@@ -407,15 +395,20 @@ class AutoencoderKL(KLAutoencoder, pl.LightningModule):
             return True, True
         return iteration % 2 == 0, iteration % 2 == 1
 
+    @property
+    def at_round_boundary(self) -> bool:
+        """No accumulation round is under way: every batch seen so far has been stepped (a safe point to save)."""
+        return self._micro_step % self.accumulate_grad_batches == 0
+
     def _backward_and_step(self, optimizer: Any, loss: torch.Tensor, step: bool) -> None:
-        finite = torch.isfinite(loss.detach())
-        self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
         self.manual_backward(loss / self.accumulate_grad_batches)
+        # A non-finite loss marks this optimizer's own gradients (not the other optimizer's), so the skip
+        # decision travels with them through the all-reduce and the accumulation round.
+        self.nonfinite.poison_if_nonfinite(loss, optimizer.param_groups[0]["params"])
         if step:
             optimizer.step()  # clipping and the non-finite guard: on_before_optimizer_step
             vars(getattr(optimizer, "optimizer", optimizer)).pop("found_inf", None)
             optimizer.zero_grad(set_to_none=True)
-            self._loss_finite = None
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Unscale (16-mixed), then clip and guard the gradients of the optimizer about to step.
@@ -424,12 +417,13 @@ class AutoencoderKL(KLAutoencoder, pl.LightningModule):
         optimizers that do it themselves (fused Adam), so those are unscaled here: clipping must see the
         true gradients (a threshold divided by the loss scale otherwise).
 
-        Non-finite guard: a non-finite loss (any micro-batch) or gradient norm skips the update. With
-        fused Adam the decision stays on the device (``found_inf``, the flag GradScaler uses: the fused
-        kernel skips the update and the step count): no host sync. Other optimizers need it on the host
-        (``.item()`` once per update; free on CPU), and their gradients are dropped so Adam skips every
-        parameter. The streak is checked on the host every ``max_nonfinite_in_a_row`` iterations
-        (training_step).
+        Non-finite guard (:mod:`klvae.models.nonfinite`): a non-finite gradient norm skips the update; a
+        non-finite loss in any micro-batch has already made a gradient NaN (``_backward_and_step``), and the
+        gradients are all-reduced before this hook, so every rank decides alike. With fused Adam the
+        decision stays on the device (``found_inf``, the flag GradScaler uses: the fused kernel skips the
+        update and the step count): no host sync. Other optimizers need it on the host (``.item()`` once
+        per update; free on CPU), and their gradients are dropped so Adam skips every parameter. The
+        streaks are checked on the host every ``max_nonfinite_in_a_row`` iterations (training_step).
         """
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
@@ -440,30 +434,15 @@ class AutoencoderKL(KLAutoencoder, pl.LightningModule):
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])  # fp32 device scalar
         if self.gradient_clip_val is not None:
             torch.nn.utils.clip_grads_with_norm_(params, self.gradient_clip_val, norm)
-        bad = ~torch.isfinite(norm)
-        if self._loss_finite is not None:
-            bad = bad | ~self._loss_finite.to(bad.device)
+        index = next(i for i, o in enumerate(self.trainer.optimizers) if o is optimizer)
+        bad = self.nonfinite.judge(index, norm)
         if optimizer.defaults.get("fused"):
-            optimizer.found_inf = bad.float()  # read by Adam.step (GradScaler, if any, sets its own)
+            # Read by Adam.step. GradScaler (16-mixed) replaces it with its own check of the same
+            # gradients, which holds the same NaN, so both skip the same updates.
+            optimizer.found_inf = bad.float()
         elif bad.item():
             for p in params:
                 p.grad = None
-        streak = (self._nonfinite_streak + 1) * bad
-        self._nonfinite_streak.copy_(streak)
-        self._nonfinite_worst.copy_(torch.maximum(self._nonfinite_worst, streak))
-        self._nonfinite_skipped.add_(bad.long())
-
-    def _check_nonfinite_streak(self) -> None:
-        """Raise once ``max_nonfinite_in_a_row`` updates in a row were skipped (one host sync per call)."""
-        worst = int(self._nonfinite_worst)
-        if worst >= self.max_nonfinite_in_a_row:
-            raise NonFiniteTrainingError(
-                f"{worst} updates in a row had a non-finite loss or gradient (last checked at iteration "
-                f"{self._iteration}; {int(self._nonfinite_skipped)} skipped in total): training has "
-                "diverged. Lower model.params.learning_rate (or base_learning_rate), set "
-                "model.params.gradient_clip_val, use bf16-mixed instead of 16-mixed, or resume from an "
-                "earlier checkpoint."
-            )
 
     def _reconstruct(self, x: torch.Tensor, branch: Branch) -> tuple[torch.Tensor, Any]:
         """D(τ(z)), z ~ q(z|x), and the posterior; τ is the identity outside EQ-VAE's equivariance branch."""
@@ -483,6 +462,10 @@ class AutoencoderKL(KLAutoencoder, pl.LightningModule):
         return getattr(scaler, "_scale", None) if scaler is not None else None
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        # Lightning re-logs the last value of every step metric of this epoch on each later step, logged
+        # again or not: in the alternate schedule every row would carry the other update's stale losses.
+        # Dropping this hook's step results first makes a row hold exactly what this step computed.
+        self.trainer._results.reset(metrics=False, fx="training_step")
         x = self.get_input(batch)  # (B, 3, H, W)
         # EQ-VAE: the batch's branch; x becomes the encoder's input, target the image x̂ is compared with.
         branch = Branch() if self.equivariance is None else self.equivariance.draw(self._micro_step)
@@ -520,14 +503,14 @@ class AutoencoderKL(KLAutoencoder, pl.LightningModule):
         self._micro_step += 1
         if last_micro:
             self._iteration += 1
-            if update_ae and self.ema is not None:
-                self.ema.update(self.codec_modules())
-            if self._iteration % self.max_nonfinite_in_a_row == 0:
-                self._check_nonfinite_streak()
+            if update_ae and self.ema is not None:  # a skipped update leaves the average alone
+                self.ema.update(self.codec_modules(), skipped=self.nonfinite.last_bad[0])
+            if self._iteration % self.nonfinite.max_in_a_row == 0:
+                self.nonfinite.check(self._iteration)
         # Device scalars only (torch.full is a fill kernel, not a host copy); nothing here waits for the
         # device. The loss is not on the progress bar: the bar calls .item() on every step.
         logs["train/iteration"] = torch.full((), float(self._iteration), device=x.device)
-        logs["train/skipped_nonfinite"] = self._nonfinite_skipped.float()
+        logs["train/skipped_nonfinite"] = self.nonfinite.total_skipped().float()
         if self.equivariance is not None:  # 0 normal, 1 equivariance, 2 low-resolution prior preservation
             logs["train/eq_branch"] = torch.full((), float(branch.index), device=x.device)
         self.log_dict(logs, on_step=True, on_epoch=False, logger=True, batch_size=x.shape[0])
@@ -579,9 +562,16 @@ class AutoencoderKL(KLAutoencoder, pl.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["klvae"] = {"iteration": self._iteration, "micro_step": self._micro_step, "format": 1}
+        checkpoint["klvae"] = {
+            "iteration": self._iteration,
+            "micro_step": self._micro_step,
+            "nonfinite": self.nonfinite.counters(),  # the run's skip counts, not one launch's
+            "format": 1,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("klvae", {})
         self._iteration = int(state.get("iteration", 0))
         self._micro_step = int(state.get("micro_step", 0))
+        if "nonfinite" in state:
+            self.nonfinite.load_counters(state["nonfinite"])
