@@ -91,10 +91,17 @@ def test_sigterm_inside_an_accumulation_round_finishes_the_round_and_resumes_exa
     assert (saved["iteration"], saved["micro_step"]) == (3, 6)  # batch 4 was mid-round: batch 5 finished it
     assert saved["nonfinite"]["skipped"] == [1, 0]
     part = only_run_dir(tmp_path / "part")
-    assert main(["-t", "-r", str(part), "--logger", "csv", "--no-test", "lightning.callbacks.sig.params.batch=-1"]) == 0
+    assert (
+        main(
+            ["-t", "-r", str(part), "--logger", "csv", "--no-test", "lightning.callbacks.sig.params.batch=-1"]
+        )
+        == 0
+    )
     full, resumed = _final_state(tmp_path / "full"), _final_state(tmp_path / "part")
     assert resumed["klvae"]["iteration"] == full["klvae"]["iteration"] == 5
-    differing = [k for k in full["state_dict"] if not torch.equal(full["state_dict"][k], resumed["state_dict"][k])]
+    differing = [
+        k for k in full["state_dict"] if not torch.equal(full["state_dict"][k], resumed["state_dict"][k])
+    ]
     assert differing == []
     assert resumed["klvae"]["nonfinite"] == full["klvae"]["nonfinite"]
     full_run = only_run_dir(tmp_path / "full")

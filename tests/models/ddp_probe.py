@@ -24,9 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-
 from pytorch_lightning.plugins.precision import MixedPrecision  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
 
 from klvae.training.ddp import PerOptimizerDDPStrategy  # noqa: E402
 from tests.conftest import TINY_DDCONFIG, TINY_LOSSCONFIG  # noqa: E402
@@ -67,7 +66,9 @@ def main(out: Path, schedule: str, scenario: str = "plain") -> None:
     batches = 8
     if scenario == "faults":
         lossconfig["params"]["use_actnorm"] = True
-        params.update(faults=FAULTS, accumulate_grad_batches=2, ema_decay=0.9, optimizations={"fused_adam": True})
+        params.update(
+            faults=FAULTS, accumulate_grad_batches=2, ema_decay=0.9, optimizations={"fused_adam": True}
+        )
         scaler = torch.amp.GradScaler("cpu", init_scale=16.0)
         trainer_kwargs["plugins"] = [MixedPrecision("16-mixed", "cpu", scaler)]
         batches = 20

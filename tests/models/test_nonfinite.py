@@ -26,7 +26,9 @@ def make(tiny_ddconfig, tiny_lossconfig, faults, disc_start=2, **params) -> Faul
 def fit(model, batches: int, callbacks=(), precision: str = "32-true") -> pl.Trainer:
     kwargs: dict = {"precision": precision}
     if precision == "16-mixed":  # a real GradScaler (Lightning maps 16-mixed to bf16 on CPU otherwise)
-        kwargs = {"plugins": [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=16.0))]}
+        kwargs = {
+            "plugins": [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=16.0))]
+        }
     data = [
         {"image": torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)) * 2 - 1}
         for i in range(batches)
@@ -105,7 +107,9 @@ def test_ema_ignores_skipped_updates(tiny_ddconfig, tiny_lossconfig):
     snaps = Snapshots()
     fit(model, 3, [snaps])
     ema = [{k: v for k, v in s["weights"].items() if k.startswith("ema.")} for s in snaps.after]
-    assert ema[0]["ema.num_updates"] == 1 and ema[1]["ema.num_updates"] == 1 and ema[2]["ema.num_updates"] == 2
+    assert (
+        ema[0]["ema.num_updates"] == 1 and ema[1]["ema.num_updates"] == 1 and ema[2]["ema.num_updates"] == 2
+    )
     assert all(torch.equal(ema[0][k], ema[1][k]) for k in ema[0])  # the shadow did not move
     assert any(not torch.equal(ema[1][k], ema[2][k]) for k in ema[1] if k != "ema.num_updates")
 

@@ -61,7 +61,9 @@ class ModuleEMA(nn.Module):
             done = done - skipped.to(done.device).long()
         self.num_updates += done
         n = self.num_updates.double()
-        decay = torch.clamp((1 + n) / (10 + n), max=self.decay) if self.warmup else torch.full_like(n, self.decay)
+        decay = (
+            torch.clamp((1 + n) / (10 + n), max=self.decay) if self.warmup else torch.full_like(n, self.decay)
+        )
         weight = ((1.0 - decay) * done).float()  # 0 for a skipped update: the shadow stays put
         # Frozen parameters (train_decoder_only's encoder) keep their shadow exactly as loaded: nothing
         # trains them, so the average must not drift toward anything.

@@ -102,7 +102,9 @@ class NonFiniteGuard(nn.Module):
         worst = self.worst.tolist()
         for name, streak in zip(self.names, worst, strict=True):
             if streak >= self.max_in_a_row:
-                skipped = ", ".join(f"{n} {s}" for n, s in zip(self.names, self.skipped.tolist(), strict=True))
+                skipped = ", ".join(
+                    f"{n} {s}" for n, s in zip(self.names, self.skipped.tolist(), strict=True)
+                )
                 raise NonFiniteTrainingError(
                     f"{streak} {name} updates in a row had a non-finite loss or gradient (last checked at "
                     f"iteration {iteration}; skipped so far: {skipped}): training has diverged. Lower "
