@@ -138,9 +138,8 @@ def main(argv: list[str] | None = None) -> None:
         opts = parse_variant(spec)
         torch._dynamo.reset()
         vae = KLAutoencoder.from_ddconfig(ddconfig, 4).to(device).eval()
-        applied = apply_runtime_optimizations(
-            vae, opts, device, {"encoder": vae.encoder, "decoder": vae.decoder}
-        )
+        applied = apply_runtime_optimizations({"encoder": vae.encoder, "decoder": vae.decoder}, opts, device)
+        applied = applied.descriptions
         measure("klvae", klvae_codec_fns(vae, images, latents, args.precision), flops, args, device, base,
                 {"variant": spec, "applied": applied})  # fmt: skip
         del vae

@@ -11,11 +11,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.plugins.precision import MixedPrecision
 
+from klvae.errors import ConfigError
 from klvae.evaluation.metrics import reconstruction_scores
 from klvae.interop.configs import network_from_state_dict
 from klvae.interop.formats import VAEWeights, read_vae_weights
@@ -23,11 +26,13 @@ from klvae.interop.keys import NETWORK_PREFIXES
 from klvae.models.ema import ModuleEMA
 from klvae.models.lr_schedule import LRSchedule
 from klvae.models.nonfinite import NonFiniteGuard, NonFiniteTrainingError
+from klvae.modules.adaptive import LastLayer
 from klvae.modules.config import NetworkConfig
+from klvae.modules.distributions import DiagonalGaussianDistribution
 from klvae.modules.equivariance import Branch, EquivarianceSchedule
-from klvae.modules.losses import LastLayer
+from klvae.modules.losses import LatentCut, TrainingObjective
 from klvae.modules.vae import KLAutoencoder
-from klvae.perf.apply import apply_runtime_optimizations, make_adam
+from klvae.perf.apply import AppliedOptimizations, apply_runtime_optimizations, make_adam
 from klvae.perf.options import parse_optimizations
 from klvae.util import instantiate_from_config, to_container
 
@@ -38,26 +43,15 @@ log = logging.getLogger(__name__)
 _SCHEDULES = ("alternate", "every_batch")
 
 
-class _SavedInput:
-    """Forward hook keeping the input of the module it is registered on (the decoder's ``conv_out``).
+@dataclass
+class _Forward:
+    """One training forward pass: what the objective needs besides the images."""
 
-    Works inside a compiled decoder (dynamo makes the tensor one more graph output). A fresh, empty
-    holder on deepcopy, so copying the decoder (EMA) never drags tensors or the model along.
-    """
-
-    def __init__(self) -> None:
-        self.value: torch.Tensor | None = None
-
-    def __call__(self, module: torch.nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        if module.training:  # not in validation/inference: nothing would take it
-            self.value = args[0]
-
-    def take(self) -> torch.Tensor | None:
-        value, self.value = self.value, None
-        return value
-
-    def __deepcopy__(self, memo: dict) -> _SavedInput:
-        return _SavedInput()
+    reconstructions: torch.Tensor  # x̂ (B, 3, H, W)
+    posterior: DiagonalGaussianDistribution
+    latents: torch.Tensor  # the posterior sample z (B, C, h, w)
+    decoder_last_layer: LastLayer  # for LDM's adaptive GAN weight
+    latent_cut: LatentCut | None  # for adaptive latent-term weights (VA-VAE's VF loss)
 
 
 def _check_quant_convs(
@@ -230,12 +224,18 @@ class AutoencoderKL(KLAutoencoder, pl.LightningModule):
         )
         self._downsample_factor = self.network.downsampling  # image side / latent side
 
-        self.loss = instantiate_from_config(lossconfig)
+        self.loss: TrainingObjective = instantiate_from_config(lossconfig)
+        if train_decoder_only and self.loss.trains_encoder:
+            raise ConfigError(
+                "model.params.train_decoder_only is true, but model.params.lossconfig has a term that trains "
+                "the encoder (e.g. the VF loss in lossconfig.params.terms): set train_decoder_only to false "
+                "or remove the term"
+            )
         if self.optimizations.gradient_checkpointing:
             self.encoder.gradient_checkpointing = self.decoder.gradient_checkpointing = True
-        if hasattr(self.loss, "lpips_target_no_grad"):
-            self.loss.lpips_target_no_grad = self.optimizations.lpips_target_no_grad
-        self._runtime_optimized = False
+        self.loss.lpips_target_no_grad = self.optimizations.lpips_target_no_grad
+        self._check_region_names()
+        self.applied_optimizations: AppliedOptimizations | None = None  # set on_fit_start
         self.ema = ModuleEMA(self.codec_modules(), decay=ema_decay) if ema_decay is not None else None
         if warm_start is not None:
             self.init_from_ckpt(str(ckpt_path), ignore_keys, warm_start)
@@ -246,10 +246,7 @@ class AutoencoderKL(KLAutoencoder, pl.LightningModule):
         # Training progress in iterations; saved in checkpoint["klvae"] (plain ints, weights_only-safe).
         self._iteration = 0
         self._micro_step = 0
-
-        # The decoder's conv_out input, for the adaptive weight (registered after the EMA copy was made).
-        self._conv_out_input = _SavedInput()
-        self.decoder.conv_out.register_forward_hook(self._conv_out_input)
+        self._disc_updates = 0  # discriminator updates so far (the lazy R1 clock)
         # Non-finite guard, on the device so that no step waits for the host (klvae.models.nonfinite).
         self.nonfinite = NonFiniteGuard(("autoencoder", "discriminator"), max_nonfinite_in_a_row)
 
@@ -346,9 +343,7 @@ class AutoencoderKL(KLAutoencoder, pl.LightningModule):
         if not self.train_decoder_only:
             modules = [self.encoder, self.quant_conv, *modules]
         params = [p for m in modules for p in m.parameters()]
-        if self.loss.learn_logvar:
-            params.append(self.loss.logvar)
-        return params
+        return params + self.loss.autoencoder_parameters()  # learned logvar, a VF projection, ...
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         lr = self.learning_rate
@@ -379,12 +374,39 @@ class AutoencoderKL(KLAutoencoder, pl.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.apply_lr_schedule()  # ThroughputMonitor logs the result as lr/ae and lr/disc
 
+    def compile_regions(self) -> dict[str, torch.nn.Module]:
+        """The modules ``optimizations.compile`` compiles, by name: encoder, decoder and the objective's
+        networks (``lpips``, ``discriminator``, a loss term's backbone such as ``vf_backbone``)."""
+        return {"encoder": self.encoder, "decoder": self.decoder, **self.loss.compile_regions()}
+
+    def _check_region_names(self) -> None:
+        regions = self.compile_regions()
+        for field_name in ("compile_regions", "channels_last"):
+            unknown = [n for n in getattr(self.optimizations, field_name) or () if n not in regions]
+            if unknown:
+                raise ConfigError(
+                    f"model.params.optimizations.{field_name}: unknown region(s) {unknown}; this model has "
+                    f"{sorted(regions)}"
+                )
+
+    def apply_optimizations(self, device: torch.device) -> AppliedOptimizations:
+        """Compile regions, convert memory formats, set cudnn.benchmark for ``device`` (once per model)."""
+        if self.applied_optimizations is None:
+            self.applied_optimizations = apply_runtime_optimizations(
+                self.compile_regions(), self.optimizations, device
+            )
+            log.info(
+                "optimizations applied on %s: %s", device, self.applied_optimizations.descriptions or "none"
+            )
+        return self.applied_optimizations
+
+    def graph_counts(self) -> dict[str, int]:
+        """Graphs compiled so far per compiled region (what a run must keep small; empty when not compiled)."""
+        return {} if self.applied_optimizations is None else self.applied_optimizations.graph_counts()
+
     def on_fit_start(self) -> None:
         # Here, not in __init__: compile/cudnn choices depend on the device the Trainer picked.
-        if not self._runtime_optimized:
-            applied = apply_runtime_optimizations(self, self.optimizations, self.device)
-            self._runtime_optimized = True
-            log.info("optimizations applied on %s: %s", self.device, applied or "none")
+        self.apply_optimizations(self.device)
 
     def _phase(self, iteration: int) -> tuple[bool, bool]:
         """(update autoencoder, update discriminator) for this iteration."""
@@ -425,7 +447,7 @@ class AutoencoderKL(KLAutoencoder, pl.LightningModule):
         per update; free on CPU), and their gradients are dropped so Adam skips every parameter. The
         streaks are checked on the host every ``max_nonfinite_in_a_row`` iterations (training_step).
         """
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        scaler = self._grad_scaler()
         if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
             scaler.unscale_(optimizer)
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -444,22 +466,36 @@ class AutoencoderKL(KLAutoencoder, pl.LightningModule):
             for p in params:
                 p.grad = None
 
-    def _reconstruct(self, x: torch.Tensor, branch: Branch) -> tuple[torch.Tensor, Any]:
-        """D(τ(z)), z ~ q(z|x), and the posterior; τ is the identity outside EQ-VAE's equivariance branch."""
+    def _reconstruct(self, x: torch.Tensor, branch: Branch, for_generator: bool) -> _Forward:
+        """D(τ(z)), z ~ q(z|x); τ is the identity outside EQ-VAE's equivariance branch.
+
+        Both networks return their last conv's input (the adaptive weights differentiate against those
+        convs), in every training call, so a compiled region keeps one graph per grad mode. With adaptive
+        latent terms the decoder runs from a detached copy of its input (:class:`LatentCut`).
+        """
         frozen = torch.no_grad() if self.train_decoder_only else nullcontext()
         with frozen:  # a frozen encoder keeps no activations for backward
-            posterior = self.encode(x)
-        return self.decode(branch.latent(posterior.sample())), posterior
+            h, h_in = self.encoder(x, return_last_input=True)  # (B, 2·z, h, w), conv_out's input
+            posterior = DiagonalGaussianDistribution(self.quant_conv(h))
+        z = posterior.sample()
+        decoder_input = branch.latent(z)
+        cut = None
+        if for_generator and self.loss.needs_latent_cut:
+            leaf = decoder_input.detach().requires_grad_(True)
+            cut = LatentCut(decoder_input, leaf, LastLayer(self.encoder.conv_out, h_in, h))
+        recon, recon_in = self.decoder(
+            self.post_quant_conv(decoder_input if cut is None else cut.decoder_leaf), return_last_input=True
+        )
+        return _Forward(recon, posterior, z, LastLayer(self.decoder.conv_out, recon_in), cut)
 
-    def _last_layer(self) -> LastLayer:
-        saved = self._conv_out_input.take()
-        assert saved is not None, "the decoder's conv_out hook did not run"
-        return LastLayer(self.decoder.conv_out, saved)
+    def _grad_scaler(self) -> torch.amp.GradScaler | None:
+        plugin = self.trainer.precision_plugin
+        return plugin.scaler if isinstance(plugin, MixedPrecision) else None
 
-    def _grad_scale(self) -> torch.Tensor | None:
-        """The GradScaler's current scale tensor under 16-mixed (no host sync), else None."""
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        return getattr(scaler, "_scale", None) if scaler is not None else None
+    def _loss_scale(self, device: torch.device) -> torch.Tensor | None:
+        """The GradScaler's current scale as a device tensor under 16-mixed (no host sync), else None."""
+        scaler = self._grad_scaler()
+        return None if scaler is None else scaler.scale(torch.ones((), device=device))
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         # Lightning re-logs the last value of every step metric of this epoch on each later step, logged
@@ -482,20 +518,22 @@ class AutoencoderKL(KLAutoencoder, pl.LightningModule):
             self.toggle_optimizer(
                 opt_ae
             )  # discriminator params get requires_grad=False: g_loss cannot move D
-            recon, posterior = self._reconstruct(x, branch)
+            fwd = self._reconstruct(x, branch, for_generator=True)
+            recon = fwd.reconstructions
             loss, logs_g = self.loss.generator_loss(
-                target, recon, posterior, it, self._last_layer(), "train", grad_scale=self._grad_scale()
-            )
+                target, recon, fwd.posterior, it, fwd.decoder_last_layer, "train",
+                grad_scale=self._loss_scale(x.device), latents=fwd.latents, encoder_images=x,
+                latent_cut=fwd.latent_cut,
+            )  # fmt: skip
             self._backward_and_step(opt_ae, loss, last_micro)
             self.untoggle_optimizer(opt_ae)
             logs.update(logs_g)
         if update_disc:
             if recon is None:  # alternate schedule: this batch only needs x̂ as the discriminator's input
                 with torch.no_grad():
-                    recon, _ = self._reconstruct(x, branch)
-            self._conv_out_input.take()
+                    recon = self._reconstruct(x, branch, for_generator=False).reconstructions
             self.toggle_optimizer(opt_disc)
-            d_loss, logs_d = self.loss.discriminator_loss(target, recon, it, "train")
+            d_loss, logs_d = self.loss.discriminator_loss(target, recon, it, "train", self._disc_updates)
             self._backward_and_step(opt_disc, d_loss, last_micro)
             self.untoggle_optimizer(opt_disc)
             logs.update(logs_d)
@@ -503,6 +541,7 @@ class AutoencoderKL(KLAutoencoder, pl.LightningModule):
         self._micro_step += 1
         if last_micro:
             self._iteration += 1
+            self._disc_updates += int(update_disc)
             if update_ae and self.ema is not None:  # a skipped update leaves the average alone
                 self.ema.update(self.codec_modules(), skipped=self.nonfinite.last_bad[0])
             if self._iteration % self.nonfinite.max_in_a_row == 0:
@@ -521,12 +560,13 @@ class AutoencoderKL(KLAutoencoder, pl.LightningModule):
         with self.ema_scope():
             posterior = self.encode(x)
             recon = self.decode(posterior.mode())  # the mode: a deterministic, comparable val/rec_loss
-        _, logs_g = self.loss.generator_loss(x, recon, posterior, self._iteration, None, "val")
+        _, logs_g = self.loss.generator_loss(
+            x, recon, posterior, self._iteration, None, "val", latents=posterior.mode(), encoder_images=x
+        )
         _, logs_d = self.loss.discriminator_loss(x, recon, self._iteration, "val")
         # Familiar units, scored as klvae-eval does (8-bit reconstructions); LPIPS with the loss's VGG-LPIPS
         # when it has one (perceptual_weight > 0), on the same images.
-        lpips_model = getattr(self.loss, "perceptual_loss", None)
-        scores = reconstruction_scores(x, recon, lpips_model)
+        scores = reconstruction_scores(x, recon, self.loss.perceptual_loss)
         metrics = {f"val/{name}": values.float().mean() for name, values in scores.items()}
         self.log_dict(
             {**logs_g, **logs_d, **metrics},
@@ -565,6 +605,7 @@ class AutoencoderKL(KLAutoencoder, pl.LightningModule):
         checkpoint["klvae"] = {
             "iteration": self._iteration,
             "micro_step": self._micro_step,
+            "disc_updates": self._disc_updates,
             "nonfinite": self.nonfinite.counters(),  # the run's skip counts, not one launch's
             "format": 1,
         }
@@ -573,5 +614,6 @@ class AutoencoderKL(KLAutoencoder, pl.LightningModule):
         state = checkpoint.get("klvae", {})
         self._iteration = int(state.get("iteration", 0))
         self._micro_step = int(state.get("micro_step", 0))
+        self._disc_updates = int(state.get("disc_updates", 0))
         if "nonfinite" in state:
             self.nonfinite.load_counters(state["nonfinite"])
