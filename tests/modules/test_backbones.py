@@ -96,6 +96,17 @@ def test_weights_come_from_a_local_path(tmp_path, suffix):
     assert_weights(backbone, state)
 
 
+def test_position_embeddings_are_resampled_to_image_size(tmp_path):
+    # Real DINOv2 weights carry a 37×37 grid (518²); built at 224² they must come out 16×16, resampled once
+    # by timm's own checkpoint filter. Here: a 4×4 grid (56²) loaded at 28² → 2×2.
+    state = tiny_timm_state(seed=3)
+    save_file(state, str(tmp_path / "w.safetensors"))
+    backbone = FrozenViT(**tiny_backbone_dict(path=str(tmp_path / "w.safetensors"), image_size=28))
+    assert state["pos_embed"].shape[1] == 1 + 16 and backbone._vit.pos_embed.shape[1] == 1 + 4
+    torch.testing.assert_close(backbone._vit.blocks[0].attn.qkv.weight, state["blocks.0.attn.qkv.weight"])
+    assert backbone(images()).shape == (2, 32, 2, 2)
+
+
 def test_bad_weight_files_and_names_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         FrozenViT(DINOV2, path=str(tmp_path / "missing.safetensors"))
