@@ -53,7 +53,9 @@ def test_auto_switches_follow_the_device():
 
 @pytest.mark.parametrize("field", ["compile_regions", "channels_last"])
 def test_model_rejects_a_region_it_does_not_have(tiny_ddconfig, tiny_lossconfig, field):
-    with pytest.raises(ValueError, match=rf"{field}: unknown region\(s\) \['vgg'\].*'discriminator', 'encoder'"):
+    with pytest.raises(
+        ValueError, match=rf"{field}: unknown region\(s\) \['vgg'\].*'discriminator', 'encoder'"
+    ):
         AutoencoderKL(tiny_ddconfig, tiny_lossconfig, embed_dim=4, optimizations={field: ["encoder", "vgg"]})
 
 
@@ -281,6 +283,7 @@ def test_compile_backend_option_is_validated():
 
 def test_lpips_trunk_region_is_really_compiled_and_counted(tiny_ddconfig, tiny_lossconfig):
     from klvae.modules.distributions import DiagonalGaussianDistribution
+
     torch._dynamo.reset()
     model = _model(tiny_ddconfig, tiny_lossconfig, {"compile": True, "compile_backend": "aot_eager",
                                                     "compile_regions": ["lpips"]})  # fmt: skip

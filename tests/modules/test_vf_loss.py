@@ -81,7 +81,7 @@ def test_projection_direction_and_the_combined_term():
     assert reverse.linear_proj.weight.shape == (4, 32, 1, 1) and reverse.linear_proj.bias is not None
 
     latents, x = torch.randn(2, 4, 4, 4), torch.rand(2, 3, 32, 32) * 2 - 1
-    out = forward(latents, x)
+    out = forward.losses(latents, x)
     features = forward.target_features(x, (4, 4))
     projected = forward.linear_proj(latents)
     cos = vf_cos_loss(projected, features, 0.5)
@@ -90,7 +90,7 @@ def test_projection_direction_and_the_combined_term():
     torch.testing.assert_close(out["vf_distmat"], distmat)
     torch.testing.assert_close(out["vf"], 2.0 * cos + 0.5 * distmat)
     # The other direction projects the features and compares them with the raw latents.
-    out = reverse(latents, x)
+    out = reverse.losses(latents, x)
     torch.testing.assert_close(
         out["vf_cos"], vf_cos_loss(latents, reverse.linear_proj(reverse.target_features(x, (4, 4))), 0.0)
     )
@@ -101,7 +101,7 @@ def test_gradient_reaches_only_the_projection_and_the_latents():
         loss = vf(reverse_proj=reverse_proj)
         latents = torch.randn(2, 4, 4, 4, requires_grad=True)
         x = (torch.rand(2, 3, 32, 32) * 2 - 1).requires_grad_(True)
-        loss(latents, x)["vf"].backward()
+        loss.losses(latents, x)["vf"].backward()
         assert latents.grad is not None and latents.grad.abs().sum() > 0
         assert loss.linear_proj.weight.grad is not None and loss.linear_proj.weight.grad.abs().sum() > 0
         assert x.grad is None  # the target features are constants
@@ -119,7 +119,7 @@ def test_shapes_at_256_for_f8_and_f16(channels, factor):
     x = torch.rand(2, 3, 256, 256) * 2 - 1
     assert backbone(x).shape == (2, 32, 16, 16)
     assert loss.target_features(x, (side, side)).shape == (2, 32, side, side)
-    out = loss(torch.randn(2, channels, side, side), x)
+    out = loss.losses(torch.randn(2, channels, side, side), x)
     assert set(out) == {"vf", "vf_cos", "vf_distmat"}
     assert all(v.ndim == 0 and v.dtype == torch.float32 and torch.isfinite(v) for v in out.values())
 
@@ -129,9 +129,9 @@ def test_bad_inputs_are_clear_errors():
         vf(cos_margin=-0.1)
     loss = vf()
     with pytest.raises(ValueError, match=r"latents \(B, 4, h, w\)"):
-        loss(torch.randn(2, 3, 4, 4), torch.zeros(2, 3, 32, 32))
+        loss.losses(torch.randn(2, 3, 4, 4), torch.zeros(2, 3, 32, 32))
     with pytest.raises(ValueError, match="1 images for 2 latents"):
-        loss(torch.randn(2, 4, 4, 4), torch.zeros(1, 3, 32, 32))
+        loss.losses(torch.randn(2, 4, 4, 4), torch.zeros(1, 3, 32, 32))
 
 
 def test_adaptive_vf_weight_is_the_reference_formula():
@@ -154,9 +154,9 @@ def test_compiles_as_one_region_with_aot_eager():
     loss = vf(cos_margin=0.5, distmat_margin=0.25, backbone={"model_kwargs": {"depth": 2}})
     latents = torch.randn(2, 4, 8, 8, requires_grad=True)
     x = torch.rand(2, 3, 48, 48) * 2 - 1
-    expected = loss(latents, x)
+    expected = loss.losses(latents, x)
     (expected_grad,) = torch.autograd.grad(expected["vf"], latents)
-    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(loss.losses, backend="aot_eager", fullgraph=True)
     out = compiled(latents, x)
     (grad,) = torch.autograd.grad(out["vf"], latents)
     for key in expected:
@@ -167,9 +167,9 @@ def test_compiles_as_one_region_with_aot_eager():
 def test_bf16_autocast_keeps_the_losses_fp32():
     loss = vf(cos_margin=0.1, distmat_margin=0.05)
     latents, x = torch.randn(2, 4, 8, 8), torch.rand(2, 3, 48, 48) * 2 - 1
-    reference = loss(latents, x)
+    reference = loss.losses(latents, x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = loss(latents, x)
+        out = loss.losses(latents, x)
     for key in reference:
         assert out[key].dtype == torch.float32
         assert out[key].item() == pytest.approx(reference[key].item(), abs=0.02)

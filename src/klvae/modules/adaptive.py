@@ -10,7 +10,7 @@ region's backward and fails on donated buffers. Here the gradient is taken only 
 (``Encoder/Decoder.forward(..., return_last_input=True)``).
 
 :func:`through_output` then builds a loss whose single backward sends the already-known ∂L/∂y down into the
-network, so the objective is still differentiated once. :class:`TwoPasses` splits one backward into two at
+network, so the objective is still differentiated once. :func:`two_passes` splits one backward into two at
 the decoder's input, for weights that must be known before the encoder's backward (VA-VAE's VF weight
 balances the gradient the decoder sends back against the VF term's).
 """
@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["LastLayer", "TwoPasses", "gradient_norm_ratio", "through_output"]
+__all__ = ["LastLayer", "gradient_norm_ratio", "through_output", "two_passes"]
 
 
 @dataclass
@@ -78,22 +78,27 @@ def through_output(
     return value.detach() + (surrogate - surrogate.detach())
 
 
-class TwoPasses(torch.autograd.Function):
-    """Make one ``backward()`` run two passes: ``passes(grad)`` does both (reentrant autograd calls).
-
-    ``TwoPasses.apply(anchor, value, passes)`` returns ``value``; when it is backpropagated with gradient
-    ``grad`` (the loss scale and accumulation factor a Lightning ``manual_backward`` applied), ``passes``
-    is called with it and must run the whole objective's backward itself; nothing flows into ``anchor``
-    (any tensor that requires grad, so that the output does).
-    """
-
+class _TwoPasses(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, anchor: torch.Tensor, value: torch.Tensor, passes: Callable) -> torch.Tensor:
         ctx.passes = passes
-        return value.detach().clone()
+        return value.clone()
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None, None]:
-        ctx.passes(grad)
+        with torch.enable_grad():  # autograd runs backward functions with grad mode off
+            ctx.passes(grad)
         ctx.passes = None  # drop the closure (and the graphs it holds) once run
         return None, None, None
+
+
+def two_passes(value: torch.Tensor, passes: Callable[[torch.Tensor], None]) -> torch.Tensor:
+    """A scalar equal to ``value`` whose ``backward()`` calls ``passes(grad)``, which runs the backward itself.
+
+    ``grad`` is the gradient this scalar receives (the loss scale and accumulation factor a Lightning
+    ``manual_backward`` applied); ``passes`` must run the whole objective's backward with it, in as many
+    reentrant ``torch.autograd.backward`` calls as it needs. ``value``'s own graph is never traversed: the
+    result hangs on a fresh leaf that receives no gradient.
+    """
+    anchor = torch.zeros((), device=value.device, requires_grad=True)
+    return _TwoPasses.apply(anchor, value.detach(), passes)

@@ -27,14 +27,14 @@ Reduction (``reduction``):
 from __future__ import annotations
 
 from collections.abc import Mapping
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from klvae.modules.adaptive import LastLayer, TwoPasses, gradient_norm_ratio, through_output
+from klvae.modules.adaptive import LastLayer, gradient_norm_ratio, through_output, two_passes
+from klvae.modules.backbones import double_backward_attention
 from klvae.modules.discriminator import NLayerDiscriminator
 from klvae.modules.distributions import DiagonalGaussianDistribution
 from klvae.modules.gan import (
@@ -486,7 +486,7 @@ class LPIPSWithDiscriminator(nn.Module):
                 total = total + (weight * grad) * value
             torch.autograd.backward(total)  # the encoder side, once
 
-        return TwoPasses.apply(through_recon, value, passes)
+        return two_passes(value, passes)
 
     def discriminator_loss(
         self,
@@ -512,12 +512,19 @@ class LPIPSWithDiscriminator(nn.Module):
         # fp32 inputs, as in generator_loss: one compiled graph serves the real and the fake batch.
         real = inputs.float().contiguous().detach()
         if r1_now:
-            # R1 differentiates ∇_x D(x) again: compiled regions have no double backward, so this forward
-            # runs eagerly (its logits also serve the D loss: no extra forward).
             real.requires_grad_(True)
-        with torch.compiler.set_stance("force_eager") if r1_now else nullcontext():
+        fake = reconstructions.float().contiguous().detach()
+        if r1_now:
+            # R1 differentiates ∇_x D(x) again: compiled regions and fused attention kernels have no
+            # double backward, so this forward runs eagerly with plain attention (its logits also serve the
+            # D loss: no extra forward). The fake batch goes first: a BatchNorm's backward keeps its running
+            # statistics, which the next forward would update in place before R1's double backward.
+            logits_fake = self.discriminator(fake).float()
+            with torch.compiler.set_stance("force_eager"), double_backward_attention():
+                logits_real = self.discriminator(real).float()
+        else:
             logits_real = self.discriminator(real).float()
-        logits_fake = self.discriminator(reconstructions.float().contiguous().detach()).float()
+            logits_fake = self.discriminator(fake).float()
         d_loss = disc_factor * self.disc_loss(logits_real, logits_fake)
         logs = {"logits_real": logits_real.detach().mean(), "logits_fake": logits_fake.detach().mean()}
         if self.lecam is not None:

@@ -26,6 +26,7 @@ from torch import nn
 
 from klvae.errors import ConfigError
 from klvae.modules.backbones import FrozenViT, build_backbone
+from klvae.modules.terms import LossTerm, TermInputs
 
 __all__ = [
     "VF_GRAD_EPS",
@@ -97,8 +98,9 @@ def adaptive_vf_weight(nll_grad: torch.Tensor, vf_grad: torch.Tensor, vf_weight:
     return ratio.clamp(0.0, VF_WEIGHT_MAX) * vf_weight
 
 
-class VFLoss(nn.Module):
-    """The VF loss between latents and a frozen ViT's last-layer patch features of the input images.
+class VFLoss(LossTerm):
+    """The VF loss between latents and a frozen ViT's last-layer patch features of the input images: a
+    latent term of the autoencoder objective (``lossconfig.params.terms.vf``), weight ``vf_weight``.
 
     Which latent: VA-VAE applies it to the posterior **sample** z (autoencoder.py L355-366: ``z =
     posterior.sample()`` is both decoded and projected), the tensor the decoder reads and the one LightningDiT
@@ -114,6 +116,11 @@ class VFLoss(nn.Module):
     (32×32) grid gets them upsampled 2×.
 
     Args:
+        weight: ``vf_weight`` (VA-VAE: 0.1 in its final stages, 0.5 in the first).
+        adaptive: VA-VAE's ``adaptive_vf``: each update, the weight is multiplied by
+            clamp(‖∇_W nll‖ / (‖∇_W vf‖ + 1e-4), 0, 1e8), W the encoder's last conv
+            (:meth:`klvae.modules.losses.LPIPSWithDiscriminator.generator_loss` computes it without a second
+            backward; the weight each update used is the buffer ``adaptive_weight``, logged as ``vf_weight``).
         latent_channels: channels of the latents (``embed_dim``: 32 for VA-VAE's f16d32, 4 for kl-f8).
         backbone: the ``{target: klvae.modules.backbones.FrozenViT, params: {...}}`` block, or a built
             ``FrozenViT``. VA-VAE uses ``vit_large_patch14_dinov2.lvd142m`` (``foundation_models.py`` L25; its
@@ -127,17 +134,23 @@ class VFLoss(nn.Module):
     Shapes: ``forward(latents (B, C, h, w), images (B, 3, H, W) in [-1, 1])``.
     """
 
+    kind = "latent"
+    needs_encoder = True  # the alignment is learned by the encoder: decoder-only training cannot use it
+    max_adaptive_weight = VF_WEIGHT_MAX
+
     def __init__(
         self,
         latent_channels: int,
         backbone: Mapping[str, Any] | FrozenViT,
+        weight: float = 0.1,
+        adaptive: bool = False,
         cos_margin: float = 0.0,
         distmat_margin: float = 0.0,
         cos_weight: float = 1.0,
         distmat_weight: float = 1.0,
         reverse_proj: bool = True,
     ) -> None:
-        super().__init__()
+        super().__init__(weight, adaptive)
         for key, value in (("cos_margin", cos_margin), ("distmat_margin", distmat_margin)):
             if not 0.0 <= value <= 2.0:
                 raise ConfigError(f"{key} must be in [0, 2] (a cosine-similarity margin), got {value!r}")
@@ -160,7 +173,21 @@ class VFLoss(nn.Module):
                 features = F.interpolate(features, size=size, mode="bilinear", align_corners=False)
         return features
 
-    def forward(self, latents: torch.Tensor, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def compile_regions(self) -> dict[str, nn.Module]:
+        return {"backbone": self.backbone}
+
+    def forward(self, inputs: TermInputs) -> torch.Tensor:
+        """The ``vf`` term of the posterior sample the decoder got against the encoder's input images."""
+        if inputs.latents is None or inputs.encoder_images is None:
+            raise ValueError("the VF loss needs the latents and the encoder's input images (TermInputs)")
+        losses = self.losses(inputs.latents, inputs.encoder_images)
+        self._components = {"vf_cos": losses["vf_cos"].detach(), "vf_distmat": losses["vf_distmat"].detach()}
+        return losses["vf"]
+
+    def components(self) -> dict[str, torch.Tensor]:
+        return getattr(self, "_components", {})
+
+    def losses(self, latents: torch.Tensor, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """The VF loss of ``latents`` against the backbone's features of ``images``.
 
         Args:
