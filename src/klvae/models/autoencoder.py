@@ -325,7 +325,9 @@ class AutoencoderKL(KLAutoencoder, pl.LightningModule):
             for k, v in network.items()
             if k in own and v.shape != own[k].shape
         ]
-        if wrong or weights.network.embed_dim != self.network.embed_dim:
+        # FLUX.2's latent BatchNorm (bn.*) in one and not the other would be dropped or left at 0/1 silently.
+        norm_differs = (weights.network.latent_batch_norm is None) != (self.network.latent_batch_norm is None)
+        if wrong or norm_differs or weights.network.embed_dim != self.network.embed_dim:
             try:
                 actual: Any = network_from_state_dict(weights.state_dict).ddconfig()  # what the shapes say
             except ValueError as e:

@@ -74,9 +74,13 @@ class ModuleEMA(nn.Module):
 
     @torch.no_grad()
     def copy_from(self, modules: Mapping[str, nn.Module]) -> None:
-        """Reset the shadows to the live weights (after a warm start)."""
+        """Reset the shadows to the live weights (after a warm start), buffers included (FLUX.2's latent
+        BatchNorm statistics: never averaged, but the EMA copy is exported and must hold the loaded ones)."""
         shadow, live = self._pairs(modules)
         torch._foreach_copy_(shadow, live)
+        for name in self.names:
+            for s, b in zip(getattr(self, name).buffers(), modules[name].buffers(), strict=True):
+                s.copy_(b)
 
     @contextmanager
     def swapped(self, modules: Mapping[str, nn.Module]) -> Iterator[None]:

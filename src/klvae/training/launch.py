@@ -114,19 +114,21 @@ def _build(section: str, block: Any) -> Any:
         raise ConfigError(f"{section}: {e}") from e
 
 
-def _check_data_fits_model(config: DictConfig, data: Any) -> None:
+def _check_data_fits_model(model: Any, data: Any) -> None:
     """The crop side must be a multiple of the encoder's downsampling factor (8 for kl-f8), else the
-    decoder's output does not match the input and the first step fails deep inside the loss."""
-    ch_mult = config.model.get("params", {}).get("ddconfig", {}).get("ch_mult")
+    decoder's output does not match the input and the first step fails deep inside the loss. The factor is
+    the built network's: a fine-tune's ``ddconfig: null`` is read from its checkpoint."""
+    from klvae.modules.vae import KLAutoencoder
+
     transform = getattr(data, "train_transform", None) or getattr(data, "val_transform", None)
     size = getattr(transform, "size", None)
-    if not ch_mult or not isinstance(size, int):
+    if not isinstance(model, KLAutoencoder) or not isinstance(size, int):
         return
-    factor = 2 ** (len(ch_mult) - 1)
+    levels, factor = len(model.network.ch_mult), model.network.downsampling
     if size % factor:
         raise ConfigError(
             f"data.params.size={size} is not a multiple of the autoencoder's downsampling factor {factor} "
-            f"(ddconfig.ch_mult has {len(ch_mult)} levels); use e.g. {size - size % factor or factor}"
+            f"(ddconfig.ch_mult has {levels} levels); use e.g. {size - size % factor or factor}"
         )
 
 
@@ -212,7 +214,7 @@ def prepare(args: argparse.Namespace) -> Job:
     data = _build("data", config.data)
     if isinstance(data, pl.LightningDataModule):
         data.setup("fit" if args.train else "validate")  # missing folders and shards fail now
-    _check_data_fits_model(config, data)
+    _check_data_fits_model(model, data)
     if (
         not args.train
         and isinstance(data, pl.LightningDataModule)
