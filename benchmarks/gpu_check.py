@@ -171,20 +171,9 @@ def _child(script: str, argv: list[str], out: str, err: str) -> None:
     _entry_point(script)(argv)
 
 
-def _kill_group(pid: int) -> None:
-    for sig, wait_s in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:
-            try:
-                if os.waitpid(pid, os.WNOHANG)[0]:
-                    return
-            except ChildProcessError:
-                return
-            time.sleep(0.2)
+def _signal_group(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # already gone
+        os.killpg(pid, sig)
 
 
 def run_forked(script: str, argv: list[str], limit_s: float, workdir: Path) -> Outcome:
@@ -194,9 +183,12 @@ def run_forked(script: str, argv: list[str], limit_s: float, workdir: Path) -> O
     proc = multiprocessing.get_context("fork").Process(target=_child, args=(script, argv, str(out), str(err)))
     proc.start()
     proc.join(limit_s)
-    if proc.is_alive():
-        _kill_group(proc.pid)
-        proc.join(5)
+    if proc.is_alive():  # past its limit: the whole group (inductor's compile workers too)
+        for sig, wait_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+            _signal_group(proc.pid, sig)
+            proc.join(wait_s)
+            if not proc.is_alive():
+                break
         rc = 124
     else:
         rc = proc.exitcode if proc.exitcode is not None and proc.exitcode >= 0 else 128 - (proc.exitcode or 0)
@@ -215,9 +207,13 @@ def run_subprocess(command: list[str], limit_s: float, workdir: Path, env: dict[
         )
         try:
             rc = proc.wait(timeout=limit_s)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc.pid)
-            proc.wait()
+        except subprocess.TimeoutExpired:  # past its limit: the whole group (compile workers too)
+            _signal_group(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                _signal_group(proc.pid, signal.SIGKILL)
+                proc.wait()
             rc = 124
     return Outcome(
         rc, time.monotonic() - t0, out.read_text(errors="replace"), err.read_text(errors="replace")
@@ -359,106 +355,110 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@dataclasses.dataclass
+class Run:
+    """What the steps of one check share, and what they produced so far."""
+
+    out: Path
+    mode: str  # "gpu" or "smoke"
+    launcher: str  # "subprocess" or "fork"
+    backbone: str  # --perceptual-backbone, resolved
+    extra: tuple[str, ...]  # arguments every benchmark script gets (--compile-backend)
+    child_env: dict[str, str]
+    env: dict[str, Any]  # env.json
+    records: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    outcomes: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+
+def start_step(
+    step: Step, run: Run, limit_s: float, workdir: Path
+) -> tuple[Outcome, list[dict[str, Any]], str]:
+    """Run ``step`` to its end or its limit; return its outcome, its records and its command as shown."""
+    if step.script == "pytest":
+        pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu"]
+        command = [*pytest, *gpu_test_files()]
+        outcome = run_subprocess(command, limit_s, workdir, run.child_env)
+        (run.out / "pytest.log").write_text(outcome.stdout + outcome.stderr)
+        if outcome.rc == 5:  # no test collected: nothing failed
+            outcome.rc = 0
+        return outcome, [pytest_record(outcome.stdout, outcome.rc, outcome.seconds)], " ".join(command[1:])
+    argv = step_argv(step, run.mode, run.backbone, run.extra) if step.size != "none" else []
+    if run.launcher == "fork":
+        outcome = run_forked(step.script, argv, limit_s, workdir)
+    else:
+        outcome = run_subprocess([sys.executable, "-m", f"benchmarks.{step.script}", *argv], limit_s, workdir,
+                                 run.child_env)  # fmt: skip
+    return outcome, json_records(outcome.stdout), " ".join([f"benchmarks/{step.script}.py", *argv])
+
+
+def finish_step(
+    step: Step, run: Run, outcome: Outcome, records: list[dict[str, Any]], shown: str, limit_s: float
+) -> None:
+    """Append the step's records, status and output tail to the output files."""
+    status = "ok" if outcome.rc == 0 else ("timeout" if outcome.rc == 124 else "failed")
+    tail, counts = stderr_digest(outcome.stderr)
+    for record in records:
+        record["step"] = step.name
+        _append(run.out / "results.jsonl", record)
+    run.records += records
+    run.outcomes.append({"step": step.name, "status": status, "rc": outcome.rc, "seconds": round(outcome.seconds, 1),
+                         "limit_s": round(limit_s), "records": len(records), **counts, "about": step.about})  # fmt: skip
+    _append(run.out / "steps.jsonl", run.outcomes[-1])
+    other_output = "\n".join(ln for ln in outcome.stdout.splitlines() if not ln.startswith("{"))[-2000:]
+    header = f"===== {step.name}: {status} rc={outcome.rc} {outcome.seconds:.1f}s\n$ {shown}"
+    with (run.out / "steps.log").open("a") as f:
+        f.write(f"{header}\n{tail}\n{other_output}\n")
+    log.info("%-14s %-7s %5.1fs %d records", step.name, status, outcome.seconds, len(records))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    mode = "smoke" if args.smoke else "gpu"
-    launcher = args.launcher or ("fork" if args.smoke else "subprocess")
+    started = time.monotonic()
     steps = select_steps(args.only, args.skip)
     out = Path(args.out or os.environ.get("OUT") or "gpu_check_out").resolve()
     out.mkdir(parents=True, exist_ok=True)
     for name in ("results.jsonl", "steps.jsonl", "steps.log", "pytest.log"):
         (out / name).write_text("")
-    started = time.monotonic()
-    budget = args.budget
+    launcher = args.launcher or ("fork" if args.smoke else "subprocess")
+    env = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+           "mode": "smoke" if args.smoke else "gpu", "launcher": launcher, "budget_s": args.budget,
+           "command": " ".join(["python", "benchmarks/gpu_check.py", *(sys.argv[1:] if argv is None else argv)]),
+           "git": git_revision(), "platform": platform.platform(), "nvidia_smi": nvidia_smi()}  # fmt: skip
 
-    env = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "mode": mode,
-           "command": " ".join(["python", "benchmarks/gpu_check.py", *(argv if argv is not None else sys.argv[1:])]),
-           "git": git_revision(), "platform": platform.platform(), "budget_s": budget, "launcher": launcher,
-           "nvidia_smi": nvidia_smi()}  # fmt: skip
     site = Path(tempfile.gettempdir()) / "klvae_gpu_check_site"
-    wheels = Path(args.wheels)
-    if not args.smoke and wheels.is_dir():
-        env["wheels"] = install_wheels(wheels, site)
-    paths = [str(REPO / "src"), *([str(site)] if site.is_dir() and not args.smoke else []), str(REPO)]
+    if not args.smoke and Path(args.wheels).is_dir():
+        env["wheels"] = install_wheels(Path(args.wheels), site)
+    paths = [str(REPO / "src"), *([str(site)] if "wheels" in env else []), str(REPO)]
     child_env = dict(os.environ)
     child_env["PYTHONPATH"] = os.pathsep.join([*paths, *filter(None, [os.environ.get("PYTHONPATH")])])
     child_env |= {"PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
                   "TORCH_LOGS": "recompiles,graph_breaks"}  # fmt: skip
-    for path in reversed(paths):  # this process too: it resolves the LPIPS weights, forks the steps
+    for path in reversed(paths):  # this process too: it resolves the LPIPS weights and forks the steps
         if path not in sys.path:
             sys.path.insert(0, path)
     if launcher == "fork":
         preload(steps)
-
-    backbone = env["perceptual_backbone"] = resolve_backbone(args.perceptual_backbone)
+    env["perceptual_backbone"] = resolve_backbone(args.perceptual_backbone)
     extra = ("--compile-backend", args.compile_backend) if args.compile_backend else ()
-    records: list[dict[str, Any]] = []
-    outcomes: list[dict[str, Any]] = []
+    run = Run(out, env["mode"], launcher, env["perceptual_backbone"], extra, child_env, env)
+
     with tempfile.TemporaryDirectory(prefix="klvae_gpu_check_") as tmp:
         for step in steps:
-            left = budget - (time.monotonic() - started)
+            left = args.budget - (time.monotonic() - started)
             if left < step.min_s:
-                outcomes.append({"step": step.name, "status": "skipped", "reason": f"{left:.0f}s left, needs "
-                                 f"{step.min_s}s", "about": step.about})  # fmt: skip
-                _append(out / "steps.jsonl", outcomes[-1])
-                continue
-            limit = min(step.limit_s, left)
-            workdir = Path(tmp) / step.name
-            workdir.mkdir()
-            if step.script == "pytest":
-                files = gpu_test_files()
-                command = [
-                    sys.executable,
-                    "-m",
-                    "pytest",
-                    "-q",
-                    "-p",
-                    "no:cacheprovider",
-                    "-m",
-                    "gpu",
-                    *files,
-                ]
-                outcome = run_subprocess(command, limit, workdir, child_env)
-                (out / "pytest.log").write_text(outcome.stdout + outcome.stderr)
-                rc_ok = outcome.rc in (0, 5)  # 5: no test collected
-                step_records = [pytest_record(outcome.stdout, outcome.rc, outcome.seconds)]
-                shown = " ".join(command[1:])
+                run.outcomes.append({"step": step.name, "status": "skipped", "about": step.about,
+                                     "reason": f"{left:.0f}s left, needs {step.min_s}s"})  # fmt: skip
+                _append(out / "steps.jsonl", run.outcomes[-1])
             else:
-                script_argv = step_argv(step, mode, backbone, extra) if step.size != "none" else []
-                if launcher == "fork":
-                    outcome = run_forked(step.script, script_argv, limit, workdir)
-                else:
-                    command = [sys.executable, "-m", f"benchmarks.{step.script}", *script_argv]
-                    outcome = run_subprocess(command, limit, workdir, child_env)
-                rc_ok = outcome.rc == 0
-                step_records = json_records(outcome.stdout)
-                shown = " ".join([f"benchmarks/{step.script}.py", *script_argv])
-            for record in step_records:
-                record["step"] = step.name
-                _append(out / "results.jsonl", record)
-            records += step_records
-            tail, counts = stderr_digest(outcome.stderr)
-            status = "ok" if rc_ok else ("timeout" if outcome.rc == 124 else "failed")
-            outcomes.append({"step": step.name, "status": status, "rc": outcome.rc, "seconds":
-                             round(outcome.seconds, 1), "limit_s": round(limit), "records": len(step_records),
-                             **counts, "about": step.about})  # fmt: skip
-            _append(out / "steps.jsonl", outcomes[-1])
-            with (out / "steps.log").open("a") as f:
-                f.write(f"===== {step.name}: {status} rc={outcome.rc} {outcome.seconds:.1f}s\n$ {shown}\n")
-                f.write(tail + "\n" + "\n".join(ln for ln in outcome.stdout.splitlines()
-                                                 if not ln.startswith("{"))[-2000:] + "\n")  # fmt: skip
-            log.info("[%5.0fs] %-14s %-7s %5.1fs %d records", time.monotonic() - started, step.name, status,
-                     outcome.seconds, len(step_records))  # fmt: skip
+                limit = min(step.limit_s, left)
+                (Path(tmp) / step.name).mkdir()
+                finish_step(step, run, *start_step(step, run, limit, Path(tmp) / step.name), limit)
             env["total_s"] = round(time.monotonic() - started, 1)
             (out / "env.json").write_text(json.dumps(env, indent=1, sort_keys=True) + "\n")
-            write_summary(out / "summary.md", records, outcomes, env)
-    env["total_s"] = round(time.monotonic() - started, 1)
-    (out / "env.json").write_text(json.dumps(env, indent=1, sort_keys=True) + "\n")
-    text = write_summary(out / "summary.md", records, outcomes, env)
-    sys.stdout.write(text)
-    failed = [o["step"] for o in outcomes if o["status"] in ("failed", "timeout")]
-    return 1 if failed else 0
+            write_summary(out / "summary.md", run.records, run.outcomes, env)  # after every step
+    sys.stdout.write(write_summary(out / "summary.md", run.records, run.outcomes, env))
+    return 1 if any(o["status"] in ("failed", "timeout") for o in run.outcomes) else 0
 
 
 def _append(path: Path, record: dict[str, Any]) -> None:
