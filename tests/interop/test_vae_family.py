@@ -221,19 +221,6 @@ def test_latent_stats_give_both_factors_and_export_writes_them(tmp_path) -> None
     assert "shift_factor" not in json.loads((tmp_path / "sdxl_style" / "config.json").read_text())
 
 
-def test_analytic_flops_of_the_16_channel_network_without_quant_convs() -> None:
-    from klvae.perf.flops import analytic_codec_flops, count_module_flops
-
-    ddconfig = {"z_channels": 16}
-    with torch.device("meta"):
-        vae = KLAutoencoder.from_ddconfig(ddconfig, 16, use_quant_conv=False, use_post_quant_conv=False)
-        enc = count_module_flops(lambda x: vae.encode(x).parameters, torch.empty(1, 3, 256, 256))
-        dec = count_module_flops(vae.decode, torch.empty(1, 16, 32, 32))
-    assert vae.network.ddconfig() == {**KL_F8_DDCONFIG, "z_channels": 16}
-    analytic = analytic_codec_flops(vae.network, 256, 256)
-    assert (enc, dec) == (analytic["encoder"], analytic["decoder"])
-
-
 def test_network_config_is_built_from_the_yaml_keys_and_written_back() -> None:
     ddconfig = {**KL_F8_DDCONFIG, "norm_num_groups": 32}
     network = NetworkConfig.from_params(ddconfig, 4)
