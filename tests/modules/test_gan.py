@@ -87,7 +87,7 @@ def test_discriminator_objective_terms_lecam_and_lazy_r1(compiled):
 def test_regularisers_are_off_by_default_and_in_evaluation():
     x, x_hat = images()
     _, logs = make_loss().discriminator_loss(x, x_hat, 0)
-    assert set(logs) == {"train/disc_loss", "train/logits_real", "train/logits_fake"}
+    assert set(logs) == {"train/disc_loss", "train/disc_factor", "train/logits_real", "train/logits_fake"}
     loss_fn = make_loss(lecam_weight=0.1, r1_gamma=1.0).eval()
     with torch.no_grad():
         _, logs = loss_fn.discriminator_loss(x, x_hat, 0, "val")

@@ -503,7 +503,8 @@ class LPIPSWithDiscriminator(nn.Module):
         clock; the same for every micro-batch of an accumulation round).
 
         Returns:
-            (loss, logs) with ``{split}/disc_loss`` (the total), ``logits_real``, ``logits_fake`` and, when
+            (loss, logs) with ``{split}/disc_loss`` (the total), its weight ``disc_factor``, ``logits_real``,
+            ``logits_fake`` and, when
             on, ``lecam_loss``/``lecam_weight``, ``r1_loss``/``r1_weight``.
         """
         disc_factor = self.disc_factor_at(iteration)
@@ -539,4 +540,5 @@ class LPIPSWithDiscriminator(nn.Module):
             d_loss = d_loss + disc_factor * weight * r1
             logs.update(r1_loss=r1, r1_weight=torch.full_like(r1, weight))
         logs["disc_loss"] = d_loss
+        logs["disc_factor"] = torch.zeros_like(d_loss.detach()) + disc_factor  # the D loss's weight
         return d_loss, {f"{split}/{k}": v.detach() for k, v in logs.items()}
