@@ -259,7 +259,7 @@ def run_benchmark(
             inception_model = load_inception(inception, device=device)
         except FileNotFoundError as e:
             errors["gfid"] = errors["kid"] = str(e)
-            log.error("gFID and KID NOT computed: %s. Reporting SWD and the loss curves only.", e)
+            log.error("gFID and KID NOT computed (%s); reporting SWD and the loss curves only", e)
     source = reference or indexes[0].record["data"]
     ref = _load_reference(
         source, int(indexes[0].record["resolution"]), protocol.num_samples, inception_model, device
