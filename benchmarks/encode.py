@@ -37,7 +37,9 @@ def write_images(folder: Path, count: int, size: int) -> Path:
     for i in range(count):
         img = photos[i % len(photos)]
         scale = (size + 16) / min(img.size)
-        img.resize((round(img.width * scale), round(img.height * scale))).save(folder / f"{i:05d}.jpg", quality=90)
+        img.resize((round(img.width * scale), round(img.height * scale))).save(
+            folder / f"{i:05d}.jpg", quality=90
+        )
     return folder
 
 
@@ -74,7 +76,9 @@ def main() -> None:
             runs.append({"img_per_s": encoded / wall, "wall_s": wall, "main_cpu_s": time.process_time() - cpu0,
                          **{f"{k}_s": v for k, v in result.seconds.items()}})  # fmt: skip
         keys = [k for k in runs[0] if k != "cpu_total_s"]
-        summary = {k: (statistics.mean(r[k] for r in runs), statistics.pstdev(r[k] for r in runs)) for k in keys}
+        summary = {
+            k: (statistics.mean(r[k] for r in runs), statistics.pstdev(r[k] for r in runs)) for k in keys
+        }
         print(json.dumps({"config": vars(args), "torch_threads": torch.get_num_threads(), "runs": runs,
                           "mean_std": summary}, indent=2))  # fmt: skip
         parts = ("read", "to_device", "encode", "to_host", "write")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -85,3 +87,16 @@ def test_training_resumes_exactly_after_an_interruption(tmp_path, photo_dir, vae
     assert [p["loss"] for p in resumed.curve] == [p["loss"] for p in whole.curve]
     with pytest.raises(ConfigError, match="another protocol"):
         train_dit(latents, protocol_for("smoke", steps=12, **TINY), tmp_path / "resumed", progress=False)
+
+
+def test_compiled_bf16_training_follows_eager_fp32(tmp_path, photo_dir, vae_f2) -> None:  # noqa: F811
+    # The GPU path (torch.compile + bf16 autocast) on CPU; aot_eager stands in for inductor (same graph capture).
+    latents = tmp_path / "lat"
+    encode_to_shards(str(vae_f2), str(photo_dir), latents, resolution=32, num_workers=0, progress=False)
+    protocol = protocol_for("smoke", steps=5, **TINY)
+    eager = train_dit(latents, protocol, tmp_path / "eager", progress=False)
+    compiled = train_dit(
+        latents, protocol, tmp_path / "compiled", precision="bf16", compile="aot_eager", progress=False
+    )
+    (a,), (b,) = ([p["train_loss"] for p in run.curve] for run in (eager, compiled))
+    assert math.isfinite(b) and abs(a - b) < 0.05 * a

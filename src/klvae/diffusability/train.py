@@ -91,7 +91,7 @@ def train_dit(
     work_dir: str | Path,
     device: str | torch.device = "cpu",
     precision: str = "fp32",
-    compile: bool = False,
+    compile: bool | str = False,
     num_workers: int = 0,
     progress: bool = True,
 ) -> TrainedDiT:
@@ -103,7 +103,8 @@ def train_dit(
         work_dir: where ``dit.ckpt`` lives.
         device: training device.
         precision: ``fp32`` or ``bf16`` (autocast; weights and optimizer state stay fp32).
-        compile: ``torch.compile`` the DiT for training.
+        compile: ``torch.compile`` the DiT for training (True: inductor; a string names another backend,
+            e.g. ``"aot_eager"``).
         num_workers: latent-reading DataLoader workers.
         progress: tqdm bar.
 
@@ -164,7 +165,10 @@ def train_dit(
         else (lambda b: null_labels(model, b["latent"].shape[0], device))
     )  # noqa: E731
     val_labels_dev = val_labels.to(device) if num_classes else null_labels(model, val_x.shape[0], device)
-    trainable = torch.compile(model) if compile else model
+    if compile:
+        trainable = torch.compile(model, backend=compile if isinstance(compile, str) else "inductor")
+    else:
+        trainable = model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def validate() -> dict[float, float]:
