@@ -34,7 +34,13 @@ from klvae.data.sharding import distributed_info
 from klvae.data.workers import ignore_stop_signals
 from klvae.errors import ConfigError, DataError
 
-__all__ = ["LATENT_NORMS", "LatentShardDataModule", "LatentShardDataset", "in_validation_split"]
+__all__ = [
+    "LATENT_NORMS",
+    "LatentShardDataModule",
+    "LatentShardDataset",
+    "hash_fraction",
+    "in_validation_split",
+]
 
 # global: (z - shift_factor) * scaling_factor, one scalar pair (SD3/FLUX.1's convention, klvae-latent-stats');
 # channel: per-channel mean/std (LightningDiT's latent_norm); none: the VAE's raw latents.
@@ -42,13 +48,19 @@ LATENT_NORMS = ("global", "channel", "none")
 SPLITS = ("all", "train", "val")
 
 
+def hash_fraction(key: str, seed: int = 0) -> float:
+    """A deterministic pseudo-random number in [0, 1) for a key: the basis of subsets that do not depend on
+    file order (a hold-out split, a reference subset)."""
+    digest = hashlib.sha1(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
 def in_validation_split(key: str, val_fraction: float, seed: int = 0) -> bool:
-    """Deterministic hold-out by key: a hash of (seed, key) in [0, 1) below ``val_fraction``.
+    """Deterministic hold-out by key: :func:`hash_fraction` below ``val_fraction``.
 
     Keys, not positions: two latent directories of the same images (two VAEs) split identically.
     """
-    digest = hashlib.sha1(f"{seed}:{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
+    return hash_fraction(key, seed) < val_fraction
 
 
 def _index_tar(path: Path) -> dict[str, dict[str, tuple[int, int]]]:
