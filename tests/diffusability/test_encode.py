@@ -15,10 +15,9 @@ from klvae.data.latent_shards import LatentShardDataset
 from klvae.diffusability.encode import encode_to_shards, main
 from klvae.errors import ConfigError, DataError
 from tests.cli_helpers import REPO, subprocess_env
-from tests.diffusability.conftest import photo_dir, vae_f2  # noqa: F401 (fixtures)
 
 
-def test_two_processes_write_disjoint_complete_shards(tmp_path, photo_dir, vae_f2) -> None:  # noqa: F811
+def test_two_processes_write_disjoint_complete_shards(tmp_path, photo_dir, vae_f2) -> None:
     out = tmp_path / "lat"
     cmd = [sys.executable, "-m", "klvae.diffusability.encode", str(vae_f2), "--data", str(photo_dir), "--out",
            str(out), "--resolution", "32", "--samples-per-shard", "1", "--num-workers", "0", "--no-progress"]  # fmt: skip
@@ -40,7 +39,7 @@ def test_two_processes_write_disjoint_complete_shards(tmp_path, photo_dir, vae_f
     assert not list(out.glob(".*.tmp"))
 
 
-def test_interrupted_encode_resumes_without_reencoding_finished_shards(tmp_path, photo_dir, vae_f2) -> None:  # noqa: F811
+def test_interrupted_encode_resumes_without_reencoding_finished_shards(tmp_path, photo_dir, vae_f2) -> None:
     out = tmp_path / "lat"
     args = dict(resolution=32, batch_size=2, samples_per_shard=2, num_workers=0, progress=False)
 
@@ -64,7 +63,7 @@ def test_interrupted_encode_resumes_without_reencoding_finished_shards(tmp_path,
         encode_to_shards(str(vae_f2), str(photo_dir), out, **{**args, "resolution": 16})
 
 
-def test_bad_images_are_skipped_counted_and_named(tmp_path, photo_dir, vae_f2) -> None:  # noqa: F811
+def test_bad_images_are_skipped_counted_and_named(tmp_path, photo_dir, vae_f2) -> None:
     data = tmp_path / "imgs"
     data.mkdir()
     for p in photo_dir.glob("*.png"):
@@ -81,7 +80,7 @@ def test_bad_images_are_skipped_counted_and_named(tmp_path, photo_dir, vae_f2) -
     }
 
 
-def test_shards_with_cls_labels_become_a_labelled_latent_set(tmp_path, photo_dir, vae_f2) -> None:  # noqa: F811
+def test_shards_with_cls_labels_become_a_labelled_latent_set(tmp_path, photo_dir, vae_f2) -> None:
     shard = tmp_path / "in-000000.tar"
     with wds.TarWriter(str(shard)) as sink:
         for i, p in enumerate(sorted(photo_dir.glob("*.png"))):
@@ -95,7 +94,7 @@ def test_shards_with_cls_labels_become_a_labelled_latent_set(tmp_path, photo_dir
     assert json.loads((out / shard_name(0).replace(".tar", ".json")).read_text())["max_label"] == 2
 
 
-def test_bf16_encoding_is_close_to_fp32(tmp_path, photo_dir, vae_f2) -> None:  # noqa: F811
+def test_bf16_encoding_is_close_to_fp32(tmp_path, photo_dir, vae_f2) -> None:
     for precision in ("fp32", "bf16"):
         encode_to_shards(str(vae_f2), str(photo_dir), tmp_path / precision, resolution=32, precision=precision,
                          storage_dtype="float16" if precision == "bf16" else "float32", num_workers=0,
@@ -106,7 +105,7 @@ def test_bf16_encoding_is_close_to_fp32(tmp_path, photo_dir, vae_f2) -> None:  #
     assert (x - y).abs().max() < 0.05 * x.abs().max() and not (x == y).all()
 
 
-def test_cli_reports_user_errors_in_one_line(tmp_path, capsys, photo_dir, vae_f2) -> None:  # noqa: F811
+def test_cli_reports_user_errors_in_one_line(tmp_path, capsys, photo_dir, vae_f2) -> None:
     assert main([str(vae_f2), "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     assert main([str(tmp_path / "nope.ckpt"), "--data", str(photo_dir), "--out", str(tmp_path / "o")]) == 2
     assert (

@@ -12,7 +12,6 @@ from klvae.diffusability.flow import build_dit, null_labels, sample_latents, val
 from klvae.diffusability.protocol import PRESETS, protocol_for
 from klvae.diffusability.train import CHECKPOINT_NAME, train_dit
 from klvae.errors import ConfigError
-from tests.diffusability.conftest import photo_dir, vae_f2  # noqa: F401 (fixtures)
 
 TINY = dict(num_layers=1, num_attention_heads=2, attention_head_dim=8, batch_size=4, warmup_steps=2,
             val_every=5, checkpoint_every=5, val_fraction=0.0, val_max_latents=4)  # fmt: skip
@@ -56,7 +55,7 @@ def test_presets_are_dit_s2_and_dit_b2() -> None:
         protocol_for("huge")
 
 
-def test_training_resumes_exactly_after_an_interruption(tmp_path, photo_dir, vae_f2, monkeypatch) -> None:  # noqa: F811
+def test_training_resumes_exactly_after_an_interruption(tmp_path, photo_dir, vae_f2, monkeypatch) -> None:
     latents = tmp_path / "lat"
     encode_to_shards(
         str(vae_f2), str(photo_dir), latents, resolution=32, flip=True, num_workers=0, progress=False
@@ -89,7 +88,7 @@ def test_training_resumes_exactly_after_an_interruption(tmp_path, photo_dir, vae
         train_dit(latents, protocol_for("smoke", steps=12, **TINY), tmp_path / "resumed", progress=False)
 
 
-def test_compiled_bf16_training_follows_eager_fp32(tmp_path, photo_dir, vae_f2) -> None:  # noqa: F811
+def test_compiled_bf16_training_follows_eager_fp32(tmp_path, photo_dir, vae_f2) -> None:
     # The GPU path (torch.compile + bf16 autocast) on CPU; aot_eager stands in for inductor (same graph capture).
     latents = tmp_path / "lat"
     encode_to_shards(str(vae_f2), str(photo_dir), latents, resolution=32, num_workers=0, progress=False)

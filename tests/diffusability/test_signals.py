@@ -7,14 +7,13 @@ import torch.nn.functional as F
 
 from klvae.diffusability.signals import kernel_inception_distance, laplacian_pyramid, sliced_wasserstein
 from klvae.evaluation.data import image_batches
-from tests.diffusability.conftest import photo_dir  # noqa: F401 (fixture)
 
 
 def _photos(photo_dir) -> torch.Tensor:  # noqa: ANN001
     return next(iter(image_batches(str(photo_dir), 32, batch_size=16)))[0]  # (6, 3, 32, 32) in [-1, 1]
 
 
-def test_swd_is_small_for_the_same_set_and_grows_with_blur_and_noise(photo_dir) -> None:  # noqa: F811
+def test_swd_is_small_for_the_same_set_and_grows_with_blur_and_noise(photo_dir) -> None:
     x = _photos(photo_dir).repeat(4, 1, 1, 1)
     same = sliced_wasserstein(x, x.clone())["swd"]
     blurred = F.interpolate(F.avg_pool2d(x, 4), scale_factor=4, mode="bilinear")
