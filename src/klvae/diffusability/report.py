@@ -80,7 +80,7 @@ def save_curves_png(curves: Mapping[str, Sequence[Mapping[str, Any]]], path: Pat
                 draw.line(line, fill=colour, width=2)
             for x, y in line:
                 draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
-            last = f" {curve[-1]['loss']:.4f}" if curve else ""
+            last = f": {curve[-1]['loss']:.4f}" if curve else ""
             draw.text((left + 8, top + 6 + 14 * i), f"{name}{last}", fill=colour)
         for frac in (0.0, 0.5, 1.0):
             value = 10 ** (hi - frac * (hi - lo))
