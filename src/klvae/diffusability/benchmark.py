@@ -100,11 +100,17 @@ def _features(inception: Any, images: torch.Tensor, device: torch.device) -> tor
 
 
 def _load_reference(
-    source: str, resolution: int, limit: int, inception: Any, device: torch.device
+    source: str, resolution: int, limit: int, total: int, inception: Any, device: torch.device
 ) -> Reference:
+    """About ``limit`` real images, a random subset chosen by key hash from all ``total`` (never the first
+    files: sorted names would give a few source photos or classes only)."""
+    from klvae.data.latent_shards import hash_fraction
     from klvae.evaluation.data import image_batches
 
-    batches = image_batches(source, resolution, _DECODE_BATCH)
+    fraction = min(1.0, 1.1 * limit / max(total, 1))  # ~10 % spare: the hash draw is binomial
+    batches = image_batches(
+        source, resolution, _DECODE_BATCH, select=lambda key: hash_fraction(key, 1) < fraction
+    )
     images, features, kept, seen = [], [], 0, 0
     for x, _keys in batches:
         x = x[: limit - seen]
@@ -261,8 +267,9 @@ def run_benchmark(
             errors["gfid"] = errors["kid"] = str(e)
             log.error("gFID and KID NOT computed (%s); reporting SWD and the loss curves only", e)
     source = reference or indexes[0].record["data"]
+    total = indexes[0].num_samples + indexes[0].record.get("num_skipped", 0)
     ref = _load_reference(
-        source, int(indexes[0].record["resolution"]), protocol.num_samples, inception_model, device
+        source, int(indexes[0].record["resolution"]), protocol.num_samples, total, inception_model, device
     )
     results = []
     for name, d in zip(names, dirs, strict=True):
