@@ -98,7 +98,10 @@ def test_benchmark_tells_a_trained_vae_from_an_untrained_one(two_vaes) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="measured: gFID 459 (trained) vs 409 (untrained) with 16 real images; too few for FID", strict=False)
+@pytest.mark.xfail(
+    reason="measured: gFID 459 (trained) vs 409 (untrained) with 16 real images; too few for FID",
+    strict=False,
+)
 @pytest.mark.skipif(
     not inception_path().is_file(), reason="needs the FID Inception weights (klvae-fetch-weights)"
 )
