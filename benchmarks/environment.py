@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 import torch
 
 from benchmarks.measure import emit
-from klvae.pretrained.paths import VGG16_HUB_FILENAME, lpips_full_path, torch_hub_checkpoint
+from klvae.io.cache import VGG16_HUB_FILENAME, lpips_full_path, torch_hub_checkpoint
 
 # What the benchmarks and the GPU tests import beyond torch (a missing one is named, not raised).
 MODULES = ("triton", "pytorch_lightning", "lpips", "diffusers", "omegaconf", "timm", "pytest", "klvae")

@@ -311,7 +311,7 @@ def resolve_backbone(choice: str) -> str:
     """``auto``: ``imagenet`` when VGG16 weights are where klvae looks for them, else ``random``."""
     if choice != "auto":
         return choice
-    from klvae.pretrained.paths import VGG16_HUB_FILENAME, lpips_full_path, torch_hub_checkpoint
+    from klvae.io.cache import VGG16_HUB_FILENAME, lpips_full_path, torch_hub_checkpoint
 
     found = any(p.is_file() for p in (torch_hub_checkpoint(VGG16_HUB_FILENAME), lpips_full_path()))
     if not found:

@@ -63,8 +63,9 @@ def evaluate(run: Path, size: int) -> dict[str, dict[str, float]]:
     from omegaconf import OmegaConf
     from PIL import Image
 
-    from klvae.callbacks import load_checkpoint, make_grid
+    from klvae.callbacks import make_grid
     from klvae.evaluation.metrics import reconstruction_scores
+    from klvae.io.checkpoints import load_checkpoint
     from klvae.util import instantiate_from_config
 
     config = OmegaConf.load(sorted((run / "configs").glob("*-project.yaml"))[-1])

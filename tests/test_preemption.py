@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from klvae.callbacks.checkpointing import checkpoint_problem
+from klvae.io.checkpoints import checkpoint_problem
 from klvae.training.cli import main
 from tests.cli_helpers import MAIN, only_run_dir, subprocess_env, tiny_args, write_nonsquare_photos
 

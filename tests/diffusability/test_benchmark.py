@@ -12,7 +12,7 @@ from klvae.diffusability.benchmark import main, run_benchmark
 from klvae.diffusability.encode import encode_to_shards
 from klvae.diffusability.protocol import protocol_for
 from klvae.evaluation.data import image_batches
-from klvae.pretrained.paths import inception_path
+from klvae.io.cache import inception_path
 from tests.cli_helpers import write_photos
 from tests.diffusability.conftest import save_vae, tiny_vae
 

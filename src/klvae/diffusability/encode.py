@@ -38,7 +38,7 @@ from klvae.data.latent_format import (
     shard_name,
 )
 from klvae.errors import ConfigError, DataError
-from klvae.interop.files import write_atomically
+from klvae.io.files import write_atomically
 
 __all__ = ["CONFIG_NAME", "EncodeResult", "encode_to_shards", "main"]
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from klvae.interop.files import write_atomically
+from klvae.io.files import write_atomically
 
 __all__ = ["save_curves_png", "save_sample_grid", "summary_table", "write_json"]
 

@@ -25,7 +25,7 @@ from klvae.data.resume import ResumableSampler
 from klvae.diffusability.flow import build_dit, flow_loss, null_labels, validation_loss
 from klvae.diffusability.protocol import DiTProtocol
 from klvae.errors import ConfigError, DataError, TrainingDivergedError
-from klvae.interop.files import load_torch_file, torch_save_to, write_atomically
+from klvae.io.files import load_torch_file, torch_save_to, write_atomically
 from klvae.models.ema import ModuleEMA
 
 __all__ = ["CHECKPOINT_NAME", "TrainedDiT", "train_dit"]

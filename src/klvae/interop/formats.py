@@ -34,14 +34,6 @@ from typing import Any, ClassVar
 import torch
 
 from klvae.interop.configs import diffusers_config, network_from_diffusers_config, network_from_state_dict
-from klvae.interop.files import (
-    SAFETENSORS_SUFFIX,
-    TensorFile,
-    read_tensor_file,
-    save_safetensors,
-    save_torch_file,
-    write_atomically,
-)
 from klvae.interop.keys import (
     BATCH_NORM_PREFIX,
     EMA_PREFIX,
@@ -55,6 +47,14 @@ from klvae.interop.keys import (
     ldm_to_flux2,
     network_tensors,
     strip_first_stage,
+)
+from klvae.io.files import (
+    SAFETENSORS_SUFFIX,
+    TensorFile,
+    read_tensor_file,
+    save_safetensors,
+    save_torch_file,
+    write_atomically,
 )
 from klvae.modules.config import LatentBatchNormConfig, NetworkConfig
 from klvae.modules.vae import KLAutoencoder

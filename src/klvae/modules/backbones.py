@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from klvae.errors import ConfigError
-from klvae.interop.files import read_tensor_file
+from klvae.io.files import read_tensor_file
 from klvae.util import instantiate_from_config
 
 __all__ = ["FrozenViT", "build_backbone", "double_backward_attention", "hf_hub_cache"]

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from klvae.interop.files import load_torch_file
-from klvae.pretrained.paths import VGG16_HUB_FILENAME, lpips_full_path, torch_hub_checkpoint
+from klvae.io.cache import VGG16_HUB_FILENAME, lpips_full_path, torch_hub_checkpoint
+from klvae.io.files import load_torch_file
 
 __all__ = ["VGG_TRUNK_SLICES", "load_lpips", "lpips_distance", "lpips_features", "torchvision_vgg16_to_lpips"]
 

@@ -17,9 +17,9 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException, SI
 from pytorch_lightning.utilities.model_helpers import is_overridden
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from klvae.callbacks.checkpointing import remove_stale_temp_files
 from klvae.errors import ConfigError
-from klvae.interop.files import load_torch_file
+from klvae.io.checkpoints import remove_stale_temp_files
+from klvae.io.files import load_torch_file
 from klvae.training.run_dir import (
     RunDir,
     config_diff,
