@@ -18,6 +18,9 @@ graphs are compiled before timing starts.
     python benchmarks/train_step.py --device cpu --model tiny --batch 1 --resolution 64 --steps 2
     # H100 at the default recipe's batch 12, 256², every switch:
     python benchmarks/train_step.py --batch 12 --resolution 256 --steps 30 --sweep
+    # peak memory of one step of the decoder-only fine-tune at 1024² (no FLOP counting, no diffusers):
+    python benchmarks/train_step.py --batch 2 --resolution 1024 --steps 3 --cases pre --decoder-only \
+        --no-flops --diffusers none --variant default+gradient_checkpointing=true
 """
 
 from __future__ import annotations
@@ -65,7 +68,9 @@ CASES = {
 }
 
 
-def build_model(ddconfig: dict, case: str, opts: Optimizations, backbone: str) -> AutoencoderKL:
+def build_model(
+    ddconfig: dict, case: str, opts: Optimizations, backbone: str, decoder_only: bool = False
+) -> AutoencoderKL:
     disc_start, schedule = CASES[case]
     lossconfig = {
         "target": "klvae.modules.losses.LPIPSWithDiscriminator",
@@ -81,6 +86,7 @@ def build_model(ddconfig: dict, case: str, opts: Optimizations, backbone: str) -
         update_schedule=schedule,
         optimizations=opts.to_dict(),
         monitor=None,
+        train_decoder_only=decoder_only,
     )
 
 
@@ -112,7 +118,7 @@ def cleanup(device: torch.device) -> None:
 
 def count_klvae_flops(args: argparse.Namespace, device: torch.device, ddconfig: dict, case: str) -> float:
     """Model FLOPs per iteration of ``case`` (mean over an AE and a D iteration when they alternate)."""
-    model = build_model(ddconfig, case, parse_variant("plain"), args.perceptual_backbone)
+    model = build_model(ddconfig, case, parse_variant("plain"), args.perceptual_backbone, args.decoder_only)
     counter = FlopCounterCallback()
     fit(model, args, device, 2, counter)
     del model
@@ -123,7 +129,7 @@ def count_klvae_flops(args: argparse.Namespace, device: torch.device, ddconfig: 
 def bench_klvae(args: argparse.Namespace, device: torch.device, ddconfig: dict, base: dict) -> None:
     peak = peak_tflops_for(device, args.peak_tflops)
     for case in args.cases:
-        flops = count_klvae_flops(args, device, ddconfig, case)
+        flops = None if args.no_flops else count_klvae_flops(args, device, ddconfig, case)
         gan = CASES[case][0] == 0
         steps = args.steps + (args.steps % 2 if gan else 0)  # whole AE/D pairs
         warmup = args.warmup + (args.warmup % 2 if gan else 0)
@@ -131,12 +137,13 @@ def bench_klvae(args: argparse.Namespace, device: torch.device, ddconfig: dict, 
             opts = parse_variant(spec)
             flags = case_flags(args, device, opts.cudnn_benchmark_on(device))
             set_backend_flags(flags)
-            model = build_model(ddconfig, case, opts, args.perceptual_backbone)
+            model = build_model(ddconfig, case, opts, args.perceptual_backbone, args.decoder_only)
             timer = StepTimer(warmup)
             cleanup(device)
             fit(model, args, device, warmup + steps, timer)
             mem, mem_kind = peak_memory_gib(device)
             emit({**base, "impl": "klvae", "case": case, "variant": spec, "optimizations": opts.to_dict(),
+                  "decoder_only": args.decoder_only,
                   "backend_flags": flags.to_dict(),
                   **summarize(timer.times, args.batch, flops, peak, timer.warmup_times),
                   "peak_mem_gib": round(mem, 3), "warmup_peak_mem_gib": _round(timer.warmup_peak_gib),
@@ -196,6 +203,12 @@ def main(argv: list[str] | None = None) -> None:
         "--perceptual-backbone", default="random", help="timing does not depend on the weights"
     )
     parser.add_argument("--tf32", action="store_true", help="allow TF32 matmuls/convolutions in every case")
+    parser.add_argument(
+        "--decoder-only", action="store_true", help="train_decoder_only (the fine-tune recipes)"
+    )
+    parser.add_argument(
+        "--no-flops", action="store_true", help="skip the FLOP count (two eager steps per case): memory runs"
+    )
     parser.add_argument(
         "--cudnn-benchmark", type=lambda v: v.lower() in ("1", "true", "yes"), default=None,
         help="cudnn.benchmark for the diffusers cases (default: klvae's default on the device)",

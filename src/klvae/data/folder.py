@@ -257,6 +257,13 @@ class ImageFolderDataModule(pl.LightningDataModule):
         rank, world_size = distributed_info(getattr(self, "trainer", None))
         if train:
             plan = FolderBatchPlan(batches.members, self.phases, rank, world_size, self.seed)
+            empty = [i for i in range(len(self.phases)) if plan.batches_per_pass(i) == 0]
+            if empty:
+                raise DataError(
+                    f"train_dir {self.train_dir!r}: phase {empty[0]} has fewer full batches of "
+                    f"{self.phases[empty[0]].batch_size} than ranks ({world_size}): lower the batch size or "
+                    "add images"
+                )
             sampler = FolderBatchSampler(batches, plan, plan.batches_per_pass(0))
         else:
             keys = validation_keys(batches.val_members, self.batch_size, rank, world_size)
