@@ -32,10 +32,14 @@ from klvae.perf.bench import emit  # noqa: E402
 
 def saved_bytes(model: AutoencoderKL, batch: int, height: int, width: int, gan: bool) -> dict[str, int]:
     """Bytes saved for backward by each part of one autoencoder update, cumulative in forward order."""
-    total = [0]
+    total, seen = [0], set()
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        total[0] += tensor.numel() * tensor.element_size()
+        # A tensor saved by two ops (a block's input for its GroupNorm and its shortcut conv) is stored once.
+        # (The graph keeps every packed tensor alive, so ids are not reused while counting.)
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            total[0] += tensor.numel() * tensor.element_size()
         return tensor
 
     x = torch.empty(batch, 3, height, width, device="meta")

@@ -225,14 +225,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
                 )
             if self.batch_sampling:
                 self._train_batches = self._batches(self.train_set)
-                plan = FolderBatchPlan(self._train_batches.members, self.phases, 0, 1, self.seed)
-                empty = [i for i in range(len(self.phases)) if plan.batches_per_pass(i) == 0]
-                if empty:
-                    raise DataError(
-                        f"train_dir {self.train_dir!r}: no bucket holds batch_size "
-                        f"({self.phases[empty[0]].batch_size}) images in phase {empty[0]}: lower the "
-                        "batch size or add images"
-                    )
+                self._plan(self._train_batches, rank=0, world_size=1)  # fails now if a phase has no batch
         if self.val_dir is not None and self.val_set is None:
             self.val_set = ImageFolderDataset(self.val_dir, self.val_transform, self.seed)
             if self.batch_sampling:
@@ -253,17 +246,20 @@ class ImageFolderDataModule(pl.LightningDataModule):
             self.image_key,
         )
 
+    def _plan(self, batches: FolderBatches, rank: int, world_size: int) -> FolderBatchPlan:
+        plan = FolderBatchPlan(batches.members, self.phases, rank, world_size, self.seed)
+        for i, phase in enumerate(self.phases):
+            if plan.batches_per_pass(i) == 0:
+                raise DataError(
+                    f"train_dir {self.train_dir!r}: phase {i} has fewer full batches of {phase.batch_size} "
+                    f"images of one bucket than ranks ({world_size}): lower the batch size or add images"
+                )
+        return plan
+
     def _batch_loader(self, batches: FolderBatches, train: bool) -> DataLoader:
         rank, world_size = distributed_info(getattr(self, "trainer", None))
         if train:
-            plan = FolderBatchPlan(batches.members, self.phases, rank, world_size, self.seed)
-            empty = [i for i in range(len(self.phases)) if plan.batches_per_pass(i) == 0]
-            if empty:
-                raise DataError(
-                    f"train_dir {self.train_dir!r}: phase {empty[0]} has fewer full batches of "
-                    f"{self.phases[empty[0]].batch_size} than ranks ({world_size}): lower the batch size or "
-                    "add images"
-                )
+            plan = self._plan(batches, rank, world_size)
             sampler = FolderBatchSampler(batches, plan, plan.batches_per_pass(0))
         else:
             keys = validation_keys(batches.val_members, self.batch_size, rank, world_size)
