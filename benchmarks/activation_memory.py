@@ -20,14 +20,15 @@ import logging
 import sys
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a file: make the repository root importable (benchmarks.*)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import TINY_DDCONFIG  # noqa: E402
-
-from klvae.models.autoencoder import AutoencoderKL  # noqa: E402
-from klvae.modules.vae import KL_F8_DDCONFIG  # noqa: E402
-from klvae.perf.bench import emit  # noqa: E402
+from benchmarks.common import TINY_DDCONFIG
+from benchmarks.measure import emit
+from klvae.models.autoencoder import AutoencoderKL
+from klvae.modules.vae import KL_F8_DDCONFIG
 
 
 def saved_bytes(model: AutoencoderKL, batch: int, height: int, width: int, gan: bool) -> dict[str, int]:

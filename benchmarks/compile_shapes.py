@@ -25,17 +25,18 @@ import sys
 import time
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a file: make the repository root importable (benchmarks.*)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import TINY_DDCONFIG  # noqa: E402
-
-from klvae.data.buckets import make_buckets  # noqa: E402
-from klvae.modules.config import NetworkConfig  # noqa: E402
-from klvae.modules.vae import KL_F8_DDCONFIG, KLAutoencoder  # noqa: E402
-from klvae.perf.apply import apply_runtime_optimizations, graph_counts  # noqa: E402
-from klvae.perf.bench import autocast_context, device_info, emit, synchronize  # noqa: E402
-from klvae.perf.options import parse_optimizations  # noqa: E402
+from benchmarks.common import TINY_DDCONFIG
+from benchmarks.measure import autocast_context, device_info, emit, synchronize
+from klvae.data.buckets import make_buckets
+from klvae.modules.config import NetworkConfig
+from klvae.modules.vae import KL_F8_DDCONFIG, KLAutoencoder
+from klvae.perf.apply import apply_runtime_optimizations
+from klvae.perf.options import parse_optimizations
 
 
 def step(model: KLAutoencoder, x: torch.Tensor, precision: str) -> None:
@@ -85,7 +86,9 @@ def main(argv: list[str] | None = None) -> None:
         model = KLAutoencoder(NetworkConfig.from_params(ddconfig, 4)).to(device).train()
         opts = parse_optimizations({"compile": True, "compile_backend": args.backend, "compile_dynamic": dynamic,
                                     "compile_regions": ["encoder", "decoder"]})  # fmt: skip
-        apply_runtime_optimizations(model, opts, device)
+        applied = apply_runtime_optimizations(
+            {"encoder": model.encoder, "decoder": model.decoder}, opts, device
+        )
         first_total = 0.0
         for height, width in shapes:
             x = torch.rand(args.batch, 3, height, width, device=device) * 2 - 1
@@ -93,9 +96,9 @@ def main(argv: list[str] | None = None) -> None:
             steady = [timed_step(model, x, precision) for _ in range(args.steps)]
             first_total += first
             emit({**base, "compile_dynamic": dynamic, "shape": [height, width], "first_call_s": round(first, 3),
-                  "step_s_median": round(statistics.median(steady), 4), "graphs": graph_counts(model)})  # fmt: skip
+                  "step_s_median": round(statistics.median(steady), 4), "graphs": applied.graph_counts()})  # fmt: skip
         emit({**base, "compile_dynamic": dynamic, "shapes": len(shapes), "first_calls_total_s": round(first_total, 2),
-              "graphs": graph_counts(model), "summary": True})  # fmt: skip
+              "graphs": applied.graph_counts(), "summary": True})  # fmt: skip
     torch._dynamo.reset()
 
 

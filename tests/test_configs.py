@@ -71,6 +71,7 @@ def test_every_shipped_recipe_points_at_data_from_the_command_line():
         "finetune_sd_vae_decoder.yaml",
         "finetune_sdxl_vae.yaml",
         "finetune_flux_vae.yaml",
+        "finetune_flux2_vae.yaml",
         "finetune_eqvae.yaml",
     ):
         cfg = load_config(
@@ -110,6 +111,12 @@ def test_16_channel_recipes_have_no_quant_convs():
     flux = load_config([CONFIGS[0].parent / "finetune_flux_vae.yaml"]).model.params
     assert flux.ddconfig is None and flux.embed_dim == 16 and flux.train_decoder_only is True
     assert flux.use_quant_conv is False and flux.use_post_quant_conv is False
+
+
+def test_flux2_recipe_is_a_decoder_only_32_channel_fine_tune_with_quant_convs():
+    flux2 = load_config([CONFIGS[0].parent / "finetune_flux2_vae.yaml"]).model.params
+    assert flux2.ddconfig is None and flux2.embed_dim == 32 and flux2.train_decoder_only is True
+    assert flux2.use_quant_conv is True and flux2.use_post_quant_conv is True  # checked against ckpt_path
 
 
 def test_sdxl_recipe_is_the_decoder_only_kl_f8_fine_tune():

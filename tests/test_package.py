@@ -81,3 +81,16 @@ def test_the_network_and_inference_never_import_lightning() -> None:
     assert out.stdout.strip() == "False", out.stderr
     assert not any(dep.startswith(("klvae.models", "klvae.training")) for m, deps in graph.items()
                    if m.startswith("klvae.modules") for dep in deps)  # fmt: skip
+
+
+def test_the_package_never_imports_benchmarks() -> None:
+    import ast
+    from pathlib import Path
+
+    offenders = []
+    for path in Path(klvae.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):  # anywhere: functions' lazy imports too
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] == "benchmarks"]
+    assert not offenders, offenders

@@ -139,7 +139,6 @@ def test_buckets_and_phases_compile_a_bounded_number_of_graphs_with_compile_dyna
 ):
     regions = ("encoder", "decoder", "lpips", "discriminator")
     from klvae.data import ImageFolderDataModule
-    from klvae.perf.apply import graph_counts
     from tests.data.test_folder_batches import many_shapes
 
     caplog.set_level(logging.INFO, logger="klvae.perf.apply")
@@ -165,7 +164,7 @@ def test_buckets_and_phases_compile_a_bounded_number_of_graphs_with_compile_dyna
                          num_sanity_val_steps=0, callbacks=[shapes])  # fmt: skip
     try:
         trainer.fit(model, datamodule=data)
-        counts = graph_counts(model)
+        counts = model.graph_counts()
     finally:
         torch._dynamo.reset()
     assert len(shapes.shapes) >= 6 and model.iteration == 12, shapes.shapes  # more shapes than graphs

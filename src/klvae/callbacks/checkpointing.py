@@ -28,6 +28,7 @@ from klvae.interop.files import load_torch_file, torch_save_to, write_atomically
 __all__ = [
     "AtomicCheckpointIO",
     "IterationCheckpoint",
+    "at_round_boundary",
     "TopKCheckpoint",
     "checkpoint_problem",
     "iteration_of",
@@ -42,6 +43,11 @@ log = logging.getLogger(__name__)
 def iteration_of(pl_module: pl.LightningModule) -> int:
     """The training-iteration counter of the model (``model.iteration``; batches, not optimizer steps)."""
     return int(getattr(pl_module, "iteration", 0))
+
+
+def at_round_boundary(pl_module: pl.LightningModule) -> bool:
+    """No accumulation round is under way (``model.at_round_boundary``; True for modules without rounds)."""
+    return bool(getattr(pl_module, "at_round_boundary", True))
 
 
 def _checksum_path(path: Path) -> Path:

@@ -101,6 +101,15 @@ class DataStatsCallback(pl.Callback):
                 "data: %s, from iteration %s", what, getattr(pl_module, "iteration", "?")
             )
 
+    # The running total goes into the checkpoint (Lightning saves callback states): a resumed run keeps
+    # counting the run's skipped samples, not one launch's.
+    def state_dict(self) -> dict[str, Any]:
+        return {"total": dict(self.total)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for kind, value in state_dict.get("total", {}).items():
+            self.total[kind] = int(value)
+
     def _log(
         self, pl_module: pl.LightningModule, prefix: str, counts: dict[str, int], batch_size: int
     ) -> None:

@@ -117,31 +117,48 @@ def _build(section: str, block: Any) -> Any:
         raise ConfigError(f"{section}: {e}") from e
 
 
-def _check_data_fits_model(config: DictConfig, model: Any, data: Any) -> None:
-    """Every image side the data can produce must be a multiple of the encoder's downsampling factor (8 for
-    kl-f8), else the decoder's output does not match the input and the first step fails deep inside the
-    loss."""
-    network = getattr(model, "network", None)  # the NetworkConfig of a KLAutoencoder
-    ch_mult = config.model.get("params", {}).get("ddconfig", {}).get("ch_mult")
-    factor = network.downsampling if network is not None else 2 ** (len(ch_mult) - 1) if ch_mult else None
+def _side_multiple(model: Any) -> tuple[int, str] | None:
+    """What every image side must be a multiple of for ``model``, and why: the encoder's downsampling factor
+    (8 for kl-f8), times the latent patch size of a VAE that patchifies its latents (FLUX.2: 2). The
+    built network's: a fine-tune's ``ddconfig: null`` is read from its checkpoint."""
+    from klvae.modules.vae import KLAutoencoder
+
+    if not isinstance(model, KLAutoencoder):
+        return None
+    network = model.network
+    factor, why = network.downsampling, f"downsampling factor {network.downsampling}"
+    if network.latent_batch_norm is not None:
+        patch = max(network.latent_batch_norm.patch_size)
+        factor, why = factor * patch, f"downsampling factor {network.downsampling} × latent patch {patch}"
+    return factor, why
+
+
+def _check_data_fits_model(model: Any, data: Any) -> None:
+    """Every image side the data can produce (the crop, each phase's, every bucket's) must be a multiple of
+    the autoencoder's :func:`_side_multiple`, else the decoder's output does not match the input and the
+    first step fails deep inside the loss."""
+    required = _side_multiple(model)
+    if required is None:
+        return
+    factor, why = required
     transform = getattr(data, "val_transform", None)
     size = getattr(transform, "size", None)
-    if factor is not None and isinstance(size, int) and size % factor:
+    if isinstance(size, int) and size % factor:
         raise ConfigError(
-            f"data.params.size={size} is not a multiple of the autoencoder's downsampling factor {factor}; "
+            f"data.params.size={size} is not a multiple of the autoencoder's {why}; "
             f"use e.g. {size - size % factor or factor}"
         )
     buckets, phases = getattr(data, "buckets", None), getattr(data, "phases", None)
-    if factor is not None and isinstance(buckets, BucketConfig) and buckets.step % factor:
+    if isinstance(buckets, BucketConfig) and buckets.step % factor:
         raise ConfigError(
-            f"data.params.buckets.step={buckets.step} is not a multiple of the autoencoder's downsampling "
-            f"factor {factor}: bucket sides would not be; use e.g. {max(factor, buckets.step // factor * factor)}"
+            f"data.params.buckets.step={buckets.step} is not a multiple of the autoencoder's {why}: bucket "
+            f"sides would not be; use e.g. {max(factor, buckets.step // factor * factor)}"
         )
     for i, phase in enumerate(phases if isinstance(phases, PhaseSchedule) else ()):
-        if factor is not None and buckets is None and phase.size % factor:
+        if buckets is None and phase.size % factor:
             raise ConfigError(
-                f"data.params.phases[{i}].size={phase.size} is not a multiple of the autoencoder's "
-                f"downsampling factor {factor}; use e.g. {phase.size - phase.size % factor or factor}"
+                f"data.params.phases[{i}].size={phase.size} is not a multiple of the autoencoder's {why}; "
+                f"use e.g. {phase.size - phase.size % factor or factor}"
             )
 
 
@@ -253,7 +270,7 @@ def prepare(args: argparse.Namespace) -> Job:
 
     model = _build("model", config.model)
     data = _build("data", config.data)
-    _check_data_fits_model(config, model, data)
+    _check_data_fits_model(model, data)
     _warn_if_phases_do_not_fit_run(model, data, plan.max_iterations)
     if isinstance(data, pl.LightningDataModule):
         data.setup("fit" if args.train else "validate")  # missing folders and shards fail now
