@@ -21,6 +21,9 @@ before timing starts.
     python benchmarks/train_step.py --device cpu --model tiny --batch 1 --resolution 64 --steps 2
     # H100 at the default recipe's batch 12, 256², every switch:
     python benchmarks/train_step.py --batch 12 --resolution 256 --steps 30 --sweep
+    # peak memory of the decoder-only fine-tune at 1024² (no FLOP counting, no diffusers):
+    python benchmarks/train_step.py --batch 2 --resolution 1024 --steps 3 --cases pre --decoder-only \
+        --no-flops --diffusers none --variant default+gradient_checkpointing=true
 """
 
 from __future__ import annotations
@@ -150,6 +153,7 @@ def build_model(args: argparse.Namespace, ddconfig: dict, case: str, opts: Optim
         update_schedule=CASES[case][1],
         optimizations=opts.to_dict(),
         monitor=None,
+        train_decoder_only=args.decoder_only,
     )
 
 
@@ -208,7 +212,7 @@ def count_klvae_flops(args: argparse.Namespace, device: torch.device, ddconfig: 
 def bench_klvae(args: argparse.Namespace, device: torch.device, ddconfig: dict, base: dict) -> None:
     peak = peak_tflops_for(device, args.peak_tflops)
     for case in args.cases:
-        flops = count_klvae_flops(args, device, ddconfig, case)
+        flops = None if args.no_flops else count_klvae_flops(args, device, ddconfig, case)
         gan = CASES[case][0] == 0
         steps = args.steps + (args.steps % 2 if gan else 0)  # whole AE/D pairs
         warmup = args.warmup + (args.warmup % 2 if gan else 0)
@@ -223,6 +227,7 @@ def bench_klvae(args: argparse.Namespace, device: torch.device, ddconfig: dict, 
             mem, mem_kind = peak_memory_gib(device)
             emit({**base, "impl": "klvae", "case": case, "variant": spec, "optimizations": opts.to_dict(),
                   "backend_flags": flags.to_dict(), "loss_params": loss_params(args, case),
+                  "decoder_only": args.decoder_only,
                   **summarize(timer.times, args.batch, flops, peak, timer.warmup_times),
                   "peak_mem_gib": round(mem, 3), "warmup_peak_mem_gib": _round(timer.warmup_peak_gib),
                   "mem_kind": mem_kind})  # fmt: skip
@@ -314,6 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--perceptual-backbone", default="random",
         help="'random' (timing does not depend on the weights), 'imagenet' or a VGG16/LPIPS file",
     )  # fmt: skip
+    parser.add_argument(
+        "--decoder-only", action="store_true", help="train_decoder_only (the fine-tune recipes)"
+    )
+    parser.add_argument(
+        "--no-flops", action="store_true", help="skip the FLOP count (two eager steps per case): memory runs"
+    )
     parser.add_argument(
         "--loss-target", default="klvae.modules.losses.LPIPSWithDiscriminator", help="lossconfig.target"
     )

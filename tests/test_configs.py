@@ -20,6 +20,8 @@ def test_configs_are_shipped():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_config_builds(path, tiny_ddconfig):
     cfg = load_config([path])
+    if path.name.startswith("overlay_"):  # only adds to a recipe's blocks: loaded on top of them below
+        return
     if "model" in cfg:
         params = cfg.model.params
         # Full size would work too; tiny keeps the test fast. Weights are not needed for the structure.
@@ -170,3 +172,27 @@ def test_vf_recipe_uses_the_dino_discriminator_with_lecam():
     assert loss.discriminator_config.target == "klvae.modules.dino_discriminator.DinoDiscriminator"
     assert loss.lecam_weight > 0 and loss.r1_gamma if "r1_gamma" in loss else True
     assert loss.terms.vf.params.latent_channels == cfg.model.params.embed_dim == 16
+
+
+@pytest.mark.parametrize("recipe", ["finetune_sdxl_vae.yaml", "finetune_flux_vae.yaml"])
+def test_bucket_overlay_turns_a_finetune_recipe_into_a_bucketed_1024_phase(recipe):
+    from klvae.data.phases import PhaseSchedule
+    from klvae.perf.options import parse_optimizations
+
+    cfg = load_config(
+        [CONFIGS[0].parent / recipe, CONFIGS[0].parent / "overlay_buckets_1024.yaml"],
+        [
+            "data.params.train.shards=/d/train-{000000..000009}.tar",
+            "data.params.validation.shards=/d/val.tar",
+        ],
+    )
+    data = instantiate_from_config(to_container(cfg.data))  # a WebDataModule; shards are read at setup
+    assert isinstance(data.phases, PhaseSchedule) and data.phases.starts == (0, 240000)
+    assert [(p.size, p.batch_size) for p in data.phases] == [(256, 12), (1024, 2)]
+    assert data.phases.starts[-1] < cfg.lightning.max_iterations  # the 1024² phase runs
+    assert data.train_transforms[1].shapes[0] == (1408, 704) and len(data.train_transforms[1].shapes) == 13
+    assert all(h % 16 == 0 and w % 16 == 0 for h, w in data.image_shapes())  # also FLUX.2's 8 x patch 2
+    assert data.val_transform.shapes == data.train_transforms[1].shapes  # validation at 1024² buckets
+    opts = parse_optimizations(to_container(cfg.model.params.optimizations))
+    assert opts.compile_dynamic is True and opts.gradient_checkpointing is True
+    assert cfg.model.params.train_decoder_only is True and cfg.data.params.min_size == 1024

@@ -34,6 +34,16 @@ def one_error_line(capsys, prefix: str = "error: ") -> str:
         (["model.params.lossconfig.params.kl_weight=abc"], "parameter 'kl_weight' must be float, got 'abc'"),
         (["data.params.batch_size=two"], "data.params.batch_size, got 'two'"),
         (["data.params.size=33"], "data.params.size=33 is not a multiple of the autoencoder's downsampling"),
+        (
+            ["data.params.buckets={step: 3}"],
+            "data.params.buckets.step=3 is not a multiple of the autoencoder's",
+        ),
+        (
+            ["data.params.phases=[{iterations: 2, size: 33}, {size: 32}]"],
+            "data.params.phases[0].size=33 is not a",
+        ),
+        (["data.params.phases=[{size: 32, iters: 2}]"], "phases[0]: unknown key(s) ['iters']"),
+        (["data.params.buckets={step: 8}", "data.params.resize_to=48"], "cannot be combined with buckets"),
         (["data.params.train_dir=/no/such/folder"], "image folder '/no/such/folder' does not exist"),
         (["data.params.train_dir=???"], "config key data.params.train_dir: Missing mandatory value"),
         (["lightning.checkpoint.every_n_iterations=-1"], "every_n_iterations must be a non-negative integer"),

@@ -224,3 +224,48 @@ def test_lpips_trunk_region_is_really_compiled_and_counted(tiny_ddconfig, tiny_l
     # The input's branch (no gradient needed) and the reconstruction's: two graphs, no recompiles after.
     assert model.graph_counts() == {"lpips": 2}
     torch._dynamo.reset()
+
+
+def test_compile_dynamic_compiles_a_bounded_number_of_graphs_for_many_bucket_shapes(caplog):
+    """With compile_dynamic a region compiles a few graphs whatever the number of bucket shapes and batch
+    sizes; torch's default recompiles as sizes change and reaches dynamo's recompile limit (8), after
+    which the region runs eager (tests/models/test_compiled_training.py runs the whole step)."""
+    import logging
+
+    from klvae.data.buckets import make_buckets
+    from klvae.modules.model import Encoder
+    from klvae.perf.apply import apply_runtime_optimizations
+    from tests.conftest import tiny_ddconfig_dict
+
+    caplog.set_level(logging.INFO, logger="klvae.perf.apply")
+    torch._dynamo.reset()
+    encoder = Encoder(**tiny_ddconfig_dict(levels=2))
+    opts = parse_optimizations({"compile": True, "compile_backend": "aot_eager", "compile_dynamic": True})
+    applied = apply_runtime_optimizations({"encoder": encoder}, opts, torch.device("cpu"))
+    shapes = [(2, *hw) for hw in make_buckets(32, 8)] + [(3, *hw) for hw in make_buckets(48, 8)]
+    try:
+        for batch, height, width in shapes:  # 8 shapes, as a run with two phases of buckets sees them
+            x = torch.randn(batch, 3, height, width)
+            encoder(x).sum().backward()  # the autoencoder update
+            with torch.no_grad():
+                encoder(x)  # the alternate schedule's reconstruction for the discriminator update
+    finally:
+        torch._dynamo.reset()
+    graphs = applied.graph_counts()["encoder"]
+    assert 2 <= graphs <= 4 < len(shapes), graphs
+    assert not [r for r in caplog.records if "recompile_limit" in r.getMessage()]
+
+
+def test_a_region_reaching_the_recompile_limit_is_a_loud_warning(caplog):
+    import logging
+
+    from klvae.perf.apply import RegionBackend
+
+    backend = RegionBackend("decoder", "aot_eager", None)
+    backend._compile = lambda gm, inputs: gm  # count only
+    with caplog.at_level(logging.WARNING, logger="klvae.perf.apply"):
+        for _ in range(torch._dynamo.config.recompile_limit):
+            backend(None, [])
+    (record,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "region decoder has compiled 8 graphs" in record.getMessage()
+    assert "compile_dynamic: true" in record.getMessage()

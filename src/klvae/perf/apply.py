@@ -41,6 +41,15 @@ class RegionBackend:
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> object:
         self.graphs += 1
         log.info("torch.compile: graph %d of region %s", self.graphs, self.region)
+        limit = torch._dynamo.config.recompile_limit
+        if self.graphs == limit:
+            # Dynamo's own message is one warning among many; running eager silently costs speed and memory.
+            log.warning(
+                "torch.compile: region %s has compiled %d graphs; after recompile_limit (%d) recompilations "
+                "dynamo runs it eager (slower, more memory). Input shapes keep changing: with aspect-ratio "
+                "buckets or resolution phases set model.params.optimizations.compile_dynamic: true",
+                self.region, self.graphs, limit,
+            )  # fmt: skip
         return self._compile(gm, example_inputs)
 
 
@@ -92,10 +101,11 @@ def apply_runtime_optimizations(
         for name in opts.compile_regions if opts.compile_regions is not None else regions:
             backend = RegionBackend(name, opts.compile_backend, opts.compile_mode)
             applied.backends[name] = backend
-            regions[name].compile(backend=backend)
+            regions[name].compile(backend=backend, dynamic=opts.compile_dynamic)
             applied.descriptions.append(f"compile:{name}")
     if opts.cudnn_benchmark_on(device):
-        torch.backends.cudnn.benchmark = True  # fixed training shapes: autotune conv algorithms once
+        # Autotunes conv algorithms once per input shape (once per bucket with aspect-ratio buckets).
+        torch.backends.cudnn.benchmark = True
         applied.descriptions.append("cudnn.benchmark")
     return applied
 

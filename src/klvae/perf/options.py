@@ -30,6 +30,11 @@ class Optimizations:
             pointwise ops in backward, which roughly halves activation memory. ``None``: on with CUDA.
         compile_mode: torch.compile ``mode`` (``"reduce-overhead"`` adds CUDA graphs). ``None``: default.
         compile_backend: ``"inductor"`` (default) or ``"aot_eager"`` (same graphs, eager kernels).
+        compile_dynamic: torch.compile's ``dynamic``. ``None`` (torch's default): the first shape gets a
+            static graph and a changed shape one marked dynamic; ``True``: graphs symbolic in batch size,
+            height and width from the start (for aspect-ratio buckets and resolution phases: a bounded
+            number of graphs, however many shapes); ``False``: one static graph per shape (dynamo runs
+            a region eager after ``recompile_limit`` graphs).
         compile_regions: which regions to compile; None (default): all the model has (``encoder``,
             ``decoder``, ``lpips`` (the VGG trunk), ``discriminator``, and a loss term's backbone such as
             ``vf_backbone``; ``AutoencoderKL.compile_regions()``). Each is compiled whole (no graph breaks;
@@ -48,6 +53,7 @@ class Optimizations:
     compile: bool | None = None
     compile_mode: str | None = None
     compile_backend: str = "inductor"
+    compile_dynamic: bool | None = None
     compile_regions: tuple[str, ...] | None = None
     fused_adam: bool | None = None
     channels_last: tuple[str, ...] = ()
@@ -56,7 +62,7 @@ class Optimizations:
     cudnn_benchmark: bool | None = None
 
     def __post_init__(self) -> None:
-        for name in ("compile", "fused_adam", "cudnn_benchmark"):
+        for name in ("compile", "compile_dynamic", "fused_adam", "cudnn_benchmark"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):
                 raise ValueError(f"optimizations.{name} must be true, false or null (auto), got {value!r}")
