@@ -133,7 +133,7 @@ def test_unreadable_validation_shards_fail_instead_of_validating_nothing(tmp_pat
 def test_full_disk_during_a_checkpoint_write_is_one_line_and_keeps_previous(
     photos, tmp_path, capsys, monkeypatch
 ):
-    import klvae.callbacks.checkpointing as ck
+    import klvae.io.checkpoints as ck
 
     real_save, calls = ck.torch.save, []
 
@@ -174,7 +174,7 @@ def small_tmpfs(tmp_path):
 
 
 def test_really_full_disk_is_one_line_and_keeps_a_loadable_checkpoint(photos, small_tmpfs, capsys):
-    import klvae.callbacks.checkpointing as ck
+    import klvae.io.checkpoints as ck
 
     # A tiny model's checkpoint is ~0.7 MB: last.ckpt, its temp copy and iter_*.ckpt do not all fit in 2 MiB.
     args = tiny_args(

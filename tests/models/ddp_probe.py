@@ -72,6 +72,20 @@ def main(out: Path, schedule: str, scenario: str = "plain") -> None:
         scaler = torch.amp.GradScaler("cpu", init_scale=16.0)
         trainer_kwargs["plugins"] = [MixedPrecision("16-mixed", "cpu", scaler)]
         batches = 20
+    if scenario == "vf":
+        from tests.conftest import tiny_backbone_config
+
+        lossconfig["params"].update(
+            lecam_weight=0.1, r1_gamma=1.0, r1_interval=2,
+            discriminator_config={
+                "target": "klvae.modules.dino_discriminator.DinoDiscriminator",
+                "params": {"backbone": tiny_backbone_config("vit_small_patch16_224.dino"), "blocks": [1, 3, -1]},
+            },
+            terms={"vf": {"target": "klvae.modules.vf_loss.VFLoss", "params": {
+                "latent_channels": 4, "weight": 0.1, "adaptive": True, "backbone": tiny_backbone_config()}}},
+        )  # fmt: skip
+        del lossconfig["params"]["disc_num_layers"], lossconfig["params"]["disc_ndf"]
+        params.update(ema_decay=0.9)
     torch.manual_seed(1234 + int(__import__("os").environ.get("LOCAL_RANK", 0)))  # different init per rank
     model = FaultyAutoencoderKL(ddconfig=TINY_DDCONFIG, lossconfig=lossconfig, embed_dim=4, learning_rate=1e-3,
                                 **params)  # fmt: skip
@@ -90,6 +104,7 @@ def main(out: Path, schedule: str, scenario: str = "plain") -> None:
     numel = {
         "autoencoder": sum(p.numel() for p in model._trainable_codec_parameters()),
         "discriminator": sum(p.numel() for p in model.loss.discriminator.parameters()),
+        "vf_projection": sum(p.numel() for p in model.loss.autoencoder_parameters()),
         "all": sum(p.numel() for p in model.parameters() if p.requires_grad or p is model.loss.logvar),
     }
     record = {

@@ -73,6 +73,23 @@ def test_a_fault_on_one_rank_in_one_optimizer_mid_round_keeps_the_ranks_identica
                 assert torch.equal(value, opt1[index][name]), (index, name)
 
 
+def test_vf_loss_dino_discriminator_and_lecam_keep_the_ranks_identical(tmp_path):
+    """Every tensor identical on both ranks after training with the VF term (its projection trains with the
+    autoencoder's all-reduce; its adaptive weight is averaged), the DINO discriminator's heads, LeCam's anchors
+    and lazy R1, through disc_start."""
+    ranks, states = run_probe(tmp_path, "every_batch", "vf")
+    assert ranks[0]["numel"]["vf_projection"] > 0
+    model = [s["model"] for s in states]
+    assert {
+        "loss.terms.vf.linear_proj.weight",
+        "loss.lecam.ema_real",
+        "loss.terms.vf.adaptive_weight",
+    } <= set(model[0])
+    for key in model[0]:
+        assert torch.equal(model[0][key], model[1][key]), key
+    assert bool(model[0]["loss.lecam.initialized"])
+
+
 def test_multi_device_plan_uses_the_per_optimizer_strategy():
     plan = plan_trainer({"trainer": {"devices": 2, "strategy": "ddp"}}, None, None, None, 1)
     assert isinstance(plan.trainer_kwargs["strategy"], PerOptimizerDDPStrategy)

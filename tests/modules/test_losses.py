@@ -388,3 +388,24 @@ def test_decoder_only_training_with_an_encoder_term_is_a_config_error(tiny_ddcon
                              "terms": {"vf": _vf_term_config(adaptive=True)}}}  # fmt: skip
     with pytest.raises(ConfigError, match=r"train_decoder_only.*lossconfig"):
         AutoencoderKL(tiny_ddconfig, lossconfig, embed_dim=4, train_decoder_only=True)
+
+
+def test_two_pass_backward_follows_the_loss_scale_and_keeps_the_adaptive_weight():
+    """manual_backward multiplies the loss by GradScaler's scale / accumulation: the two passes must pass that
+    factor on to every gradient and leave the adaptive VF weight alone."""
+    torch.manual_seed(0)
+    loss_fn = make_loss(disc_start=0, terms={"vf": _vf_term_config(adaptive=True)})
+    loss_fn.discriminator.requires_grad_(False)
+    x = torch.rand(B, C, H, W) * 2 - 1
+    results = []
+    for factor in (1.0, 1024.0):
+        torch.manual_seed(1)
+        net = _StandIn()
+        x_hat, posterior, z, last, cut = net(cut=True)
+        loss, logs = loss_fn.generator_loss(x, x_hat, posterior, 1, last, latents=z, encoder_images=x,
+                                            latent_cut=cut)  # fmt: skip
+        (loss * factor).backward()
+        results.append((logs["train/vf_weight"].clone(), [p.grad / factor for p in net.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=0)
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)

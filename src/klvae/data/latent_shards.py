@@ -29,7 +29,7 @@ from klvae.data.latent_format import (
     LatentIndex,
     unpack_array,
 )
-from klvae.data.resume import ResumableLoader, ResumableSampler
+from klvae.data.resume import EpochStart, ResumableLoader, ResumableSampler
 from klvae.data.sharding import distributed_info
 from klvae.data.workers import ignore_stop_signals
 from klvae.errors import ConfigError, DataError
@@ -235,9 +235,9 @@ class LatentShardDataModule(pl.LightningDataModule):
         """A resumable loader over ``dataset`` (``ResumableSampler``; the trainer, if any, saves its place)."""
         sampler = ResumableSampler(dataset, rank, world_size, shuffle, self.seed, drop_last)
 
-        def on_iter(epoch: int, skip_batches: int) -> None:
-            sampler.set_epoch(epoch)
-            sampler.skip = skip_batches * self.batch_size
+        def on_iter(start: EpochStart) -> None:
+            sampler.set_epoch(start.epoch)
+            sampler.skip = start.skip * self.batch_size
 
         return ResumableLoader(
             dataset,

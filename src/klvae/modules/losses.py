@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from klvae.modules.adaptive import LastLayer, gradient_norm_ratio, through_output, two_passes
@@ -474,14 +475,20 @@ class LPIPSWithDiscriminator(nn.Module):
                 if term.adaptive:
                     if reference is None:
                         (g_ref,) = torch.autograd.grad(from_decoder, layer.outputs, retain_graph=True)
-                        reference = layer.weight_grad(g_ref)
+                        reference = layer.weight_grad(g_ref) / grad  # unscaled: eps is in loss units
                     (g_term,) = torch.autograd.grad(value * grad, layer.outputs, retain_graph=True,
                                                     allow_unused=True)  # fmt: skip
                     g_term = torch.zeros_like(layer.outputs) if g_term is None else g_term
                     ratio = gradient_norm_ratio(
-                        reference, layer.weight_grad(g_term), 1e-4, term.max_adaptive_weight
+                        reference, layer.weight_grad(g_term) / grad, 1e-4, term.max_adaptive_weight
                     )
                     weight = ratio * term.weight
+                    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                        # One weight on every rank (the ratio of each rank's own gradients differs): the
+                        # update is then the average of the ranks' with a common weight, and every rank
+                        # holds the same buffer. One scalar all-reduce per update, no host sync.
+                        dist.all_reduce(weight)
+                        weight = weight / dist.get_world_size()
                     term.adaptive_weight.copy_(weight)
                 total = total + (weight * grad) * value
             torch.autograd.backward(total)  # the encoder side, once
