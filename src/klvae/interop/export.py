@@ -30,6 +30,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from klvae.interop.discriminator import discriminator_path_for, write_discriminator
 from klvae.interop.formats import (
     FORMATS,
     VAEWeights,
@@ -41,6 +42,8 @@ from klvae.interop.formats import (
 )
 
 __all__ = ["main", "resolve_latent_factors"]
+
+from klvae.io.files import load_torch_file
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +120,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="JSON from klvae-latent-stats: write its per-channel statistics of patchified latents into the "
         "latent BatchNorm of a FLUX.2-shaped VAE (a new VAE only: a FLUX.2 fine-tune keeps the published ones)",
+    )
+    p.add_argument(
+        "--include-discriminator",
+        action="store_true",
+        help="also write the checkpoint's discriminator (loss.discriminator.*) beside the export "
+        "(my-vae/discriminator.safetensors or my-vae.discriminator.safetensors), for model.params.disc_ckpt_path",
     )
     p.add_argument("--ddconfig", default=None, help="JSON ddconfig when the checkpoint does not record one")
     p.add_argument("--traceback", action="store_true", help="show full tracebacks for user errors too")
@@ -201,13 +210,49 @@ def _run(args: argparse.Namespace) -> None:
             f"pass --latent-stats stats.json, or pass --scaling-factor ({SD_SCALING_FACTOR} is right only for "
             "SD's VAE and decoder-only fine-tunes of it)."
         )
+    if args.include_discriminator and not any(
+        k.startswith("loss.discriminator.") for k in weights.loss_state_dict
+    ):
+        raise ConfigError(
+            f"--include-discriminator: {args.checkpoint} holds no discriminator (loss.discriminator.*); only "
+            "klvae and LDM training checkpoints do"
+        )
     load_user_file(
         f"--out {args.out}", lambda: write_vae(weights, out, fmt, scale, shift, prefix=args.prefix)
     )
+    if args.include_discriminator:
+        target = discriminator_path_for(out)
+        config = _discriminator_config(args.checkpoint)
+        load_user_file(
+            f"--out {args.out}", lambda: write_discriminator(weights.loss_state_dict, target, config)
+        )
+        log.info("wrote the discriminator (%s) to %s", (config or {}).get("target", "PatchGAN"), target)
     log.info(
         "exported %s weights%s from %s -> %s (scaling_factor=%s, shift_factor=%s)",
         weights.source_format, " (EMA)" if weights.used_ema else "", args.checkpoint, args.out, scale, shift,
     )  # fmt: skip
+
+
+def _discriminator_config(checkpoint: str) -> dict[str, Any] | None:
+    """The ``{target, params}`` of a klvae run's discriminator, from its recorded lossconfig (None: LDM's
+    PatchGAN, whose shape the tensors give)."""
+    path = Path(checkpoint)
+    if not path.is_file() or path.suffix == ".safetensors":
+        return None
+    try:
+        loss = (
+            load_torch_file(path, mmap=True)
+            .get("hyper_parameters", {})
+            .get("lossconfig", {})
+            .get("params", {})
+        )
+    except (ValueError, AttributeError):
+        return None
+    if loss.get("discriminator_config"):
+        return dict(loss["discriminator_config"])
+    shape = {"input_nc": loss.get("disc_in_channels", 3), "ndf": loss.get("disc_ndf", 64),
+             "n_layers": loss.get("disc_num_layers", 3), "use_actnorm": loss.get("use_actnorm", False)}  # fmt: skip
+    return {"target": "klvae.modules.discriminator.NLayerDiscriminator", "params": shape}
 
 
 def _fill_batch_norm(weights: VAEWeights, stats_path: str) -> VAEWeights:

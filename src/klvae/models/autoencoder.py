@@ -21,6 +21,7 @@ from pytorch_lightning.plugins.precision import MixedPrecision
 from klvae.errors import ConfigError
 from klvae.evaluation.metrics import reconstruction_scores
 from klvae.interop.configs import network_from_state_dict
+from klvae.interop.discriminator import check_discriminator_fits, read_discriminator_weights
 from klvae.interop.formats import VAEWeights, read_vae_weights
 from klvae.interop.keys import NETWORK_PREFIXES
 from klvae.models.ema import ModuleEMA
@@ -105,6 +106,9 @@ class AutoencoderKL(KLAutoencoder, pl.LightningModule):
         ckpt_use_ema: for a klvae run checkpoint with EMA weights: None (default) starts from its EMA
             weights (what ``klvae-export`` wrote), False from its live weights, True requires EMA weights.
         ignore_keys: key prefixes to drop from ``ckpt_path`` (e.g. ``["loss.discriminator"]``).
+        disc_ckpt_path: warm-start the discriminator (any type) from a klvae/LDM training checkpoint
+            (``loss.discriminator.*``) or a ``klvae-export --include-discriminator`` file; applied after
+            ``ckpt_path``. Keys that do not fit the configured discriminator are a config error naming them.
         image_key: batch key of the images, (B, 3, H, W) float in [-1, 1].
         monitor: metric for best-checkpoint selection.
         lr_schedule: learning-rate warm-up and decay for both optimizers, counted in iterations, e.g.
@@ -136,6 +140,7 @@ class AutoencoderKL(KLAutoencoder, pl.LightningModule):
         ckpt_path: str | None = None,
         ckpt_use_ema: bool | None = None,
         ignore_keys: Sequence[str] = (),
+        disc_ckpt_path: str | None = None,
         image_key: str = "image",
         monitor: str | None = "val/rec_loss",
         optimizations: Mapping[str, Any] | None = None,
@@ -239,6 +244,8 @@ class AutoencoderKL(KLAutoencoder, pl.LightningModule):
         self.ema = ModuleEMA(self.codec_modules(), decay=ema_decay) if ema_decay is not None else None
         if warm_start is not None:
             self.init_from_ckpt(str(ckpt_path), ignore_keys, warm_start)
+        if disc_ckpt_path is not None:
+            self.init_discriminator_from(disc_ckpt_path)
         if train_decoder_only:
             self.encoder.requires_grad_(False)
             self.quant_conv.requires_grad_(False)  # no-op without quant convs (Identity has no parameters)
@@ -314,6 +321,13 @@ class AutoencoderKL(KLAutoencoder, pl.LightningModule):
             sorted({".".join(k.split(".")[:2]) for k in missing if not k.startswith("ema.")}) or "none",
             unexpected[:10] or "none",
         )
+
+    def init_discriminator_from(self, path: str) -> None:
+        """Load the discriminator's weights from ``path`` (see ``disc_ckpt_path``), every key checked."""
+        weights, recorded = read_discriminator_weights(path)
+        check_discriminator_fits(path, self.loss.discriminator.state_dict(), weights, recorded)
+        self.loss.discriminator.load_state_dict(weights)
+        log.info("discriminator warm start from %s: %d tensors", path, len(weights))
 
     def _check_network_fits(
         self, path: str, weights: VAEWeights, network: Mapping[str, torch.Tensor]
