@@ -77,7 +77,8 @@ def test_a_discriminator_of_another_type_is_named_key_by_key(tmp_path):
     bigger = copy.deepcopy(TINY_LOSSCONFIG)
     bigger["params"]["disc_ndf"] = 16
     with pytest.raises(
-        ConfigError, match=r"13 of another shape.*main\.0\.weight: file \(8, 3, 4, 4\) vs config \(16, 3, 4, 4\)"
+        ConfigError,
+        match=r"13 of another shape.*main\.0\.weight: file \(8, 3, 4, 4\) vs config \(16, 3, 4, 4\)",
     ):
         AutoencoderKL(
             ddconfig=TINY, lossconfig=bigger, embed_dim=4, disc_ckpt_path=str(tmp_path / "patchgan.ckpt")
