@@ -112,6 +112,15 @@ DEVICE_ARGS = {
 }
 FLAG_ARGS = ("--cudnn-benchmark", "true", "--tf32")
 
+# The 2025 pieces as --loss-param YAML; random backbone weights (the device has no hub cache; timing and
+# memory do not depend on the weights).
+_VF = ("{target: klvae.modules.vf_loss.VFLoss, params: {latent_channels: 4, weight: 0.1, adaptive: true, "
+       "backbone: {target: klvae.modules.backbones.FrozenViT, params: {model_name: vit_small_patch14_dinov2.lvd142m, "
+       "allow_random_backbone: true}}}}")  # fmt: skip
+_DINO_D = ("{target: klvae.modules.dino_discriminator.DinoDiscriminator, params: {backbone: {target: "
+           "klvae.modules.backbones.FrozenViT, params: {model_name: vit_small_patch16_224.dino, "
+           "allow_random_backbone: true}}}}")  # fmt: skip
+
 # In priority order: what is cut when the budget runs out is at the end. Within a step the cheap eager
 # cases come first, so a compile that outlasts the step's limit still leaves them measured.
 STEPS: list[Step] = [
@@ -134,6 +143,13 @@ STEPS: list[Step] = [
          ("--cases", "pre", "--variant", "default", "--variant", "default+gradient_checkpointing=true",
           "--diffusers", "none"),
          "train_512", 240, 90, "klvae 512² at batch 4, with and without gradient checkpointing"),
+    Step("vf_klvae", "train_step",
+         ("--cases", "pre", "--variant", "default", "--diffusers", "none", "--loss-param", f"terms={{vf: {_VF}}}"),
+         "train_256", 180, 60, "klvae pre-GAN step with VA-VAE's VF loss (DINOv2 ViT-S/14, random weights)"),
+    Step("dino_disc_klvae", "train_step",
+         ("--cases", "post-alternate", "--variant", "default", "--diffusers", "none",
+          "--loss-param", f"discriminator_config={_DINO_D}", "--loss-param", "lecam_weight=0.1"),
+         "train_256", 180, 60, "klvae GAN phase with the DINO ViT-S/16 discriminator and LeCam (random weights)"),
 ]  # fmt: skip
 
 
