@@ -82,3 +82,29 @@ def test_cli_on_an_image_folder(tmp_path) -> None:
     assert total == 5 and abs(result["scaling_factor"] - 1 / z.double().std().item()) < 1e-6
     direct = compute_latent_stats(InferenceVAE(model), [images], sample=True)
     assert direct["std"] > result["std"]  # samples add the posterior variance
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ["--resolution", "33"],
+            "--resolution 33 is not a multiple of the VAE's downsampling factor 2; use 32 or 34",
+        ),
+        (["--device", "cuda"], "--device 'cuda': no CUDA GPU is visible on this machine"),
+        (["--out", "{tmp}"], "--out '{tmp}' is a folder; give the path of the JSON file to write"),
+    ],
+)
+def test_bad_flags_are_one_line_and_exit_2(tmp_path, capsys, flags, message) -> None:
+    from klvae.interop.formats import read_vae_weights, write_vae
+    from tests.test_errors import one_error_line
+
+    if torch.cuda.is_available() and "cuda" in flags:
+        pytest.skip("this machine has a GPU")
+    torch.save(KLAutoencoder.from_ddconfig(TINY_F2, 4).state_dict(), tmp_path / "vae.pth")
+    ckpt = write_vae(read_vae_weights(tmp_path / "vae.pth", ddconfig=TINY_F2), tmp_path / "vae.safetensors")
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(np.zeros((40, 48, 3), dtype=np.uint8)).save(tmp_path / "imgs" / "0.png")
+    args = [str(ckpt), "--data", str(tmp_path / "imgs"), "--resolution", "32"]
+    assert main([*args, *(f.format(tmp=tmp_path) for f in flags)]) == 2
+    assert message.format(tmp=tmp_path) in one_error_line(capsys, "klvae-latent-stats: error: ")
