@@ -50,6 +50,24 @@ def one_error_line(capsys, prefix: str = "error: ") -> str:
         (["lightning.max_iterations=abc"], "max_iterations must be"),
         (["model.params.accumulate_grad_batches=x"], "accumulate_grad_batches must be an int"),
         (["--gpus", "0,"], "--gpus '0,': no CUDA GPU is visible"),
+        # Before: Adam's own ValueError at the start of fit / a format string's ValueError, with tracebacks.
+        (
+            ["model.base_learning_rate=-2e-4"],
+            "model.base_learning_rate must be a number > 0 (e.g. 4.5e-6), got -0.0002",
+        ),
+        (
+            ["model.base_learning_rate=abc"],
+            "model.base_learning_rate must be a number > 0 (e.g. 4.5e-6), got 'abc'",
+        ),
+        (["--no-scale_lr", "model.base_learning_rate=abc"], "model.base_learning_rate must be a number > 0"),
+        (
+            ["model.base_learning_rate=null", "model.params.learning_rate=0"],
+            "model.params.learning_rate must be a number > 0",
+        ),
+        (["model.params.lr_g_factor=-1"], "lr_g_factor must be > 0, got -1"),
+        (["model.params.adam_betas=[1.5,0.9]"], "adam_betas must be two numbers in [0, 1), got [1.5, 0.9]"),
+        # Before: a RuntimeError inside the discriminator's first convolution.
+        (["model.params.ddconfig.out_ch=1"], "ddconfig.out_ch=1 must equal ddconfig.in_channels=3"),
     ],
 )
 def test_bad_config_is_one_line_and_leaves_no_run_dir(photos, tmp_path, capsys, overrides, message):
@@ -59,6 +77,35 @@ def test_bad_config_is_one_line_and_leaves_no_run_dir(photos, tmp_path, capsys, 
     assert main(tiny_args(photos, logdir, *overrides)) == 2
     assert message in one_error_line(capsys)
     assert not logdir.exists() or not list(logdir.iterdir())  # a failed start leaves nothing behind
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["data.params.image_key=img"],
+            "batch has no key 'image' (keys: ['__key__', 'img']); set model.params.image_key",
+        ),
+        (
+            ["model.params.ddconfig.in_channels=1", "model.params.ddconfig.out_ch=1"],
+            "batch['image'] must be (B, 1, H, W) float in [-1, 1] (model.params.ddconfig.in_channels), got shape "
+            "(2, 3, 32, 32); set in_channels to the images' channels (3 for RGB)",
+        ),
+    ],
+)
+def test_data_that_does_not_fit_the_model_is_one_line_at_the_first_batch(
+    photos, tmp_path, capsys, overrides, message
+):
+    # The model and the data each build; the mismatch shows in the first batch (before: KeyError/ValueError
+    # with a traceback from AutoencoderKL.get_input).
+    assert main(tiny_args(photos, tmp_path / "logs", *overrides)) == 2
+    assert message in one_error_line(capsys)
+
+
+def test_logdir_that_is_a_file_is_one_line(photos, tmp_path, capsys):
+    (tmp_path / "logs").write_text("not a folder")  # before: FileExistsError with a traceback
+    assert main(tiny_args(photos, tmp_path / "logs")) == 2
+    assert f"--logdir '{tmp_path / 'logs'}' is an existing file" in one_error_line(capsys)
 
 
 def test_user_error_with_traceback_flag_raises(photos, tmp_path):
@@ -216,6 +263,20 @@ def test_resume_errors_are_one_line(photos, tmp_path, capsys):
     assert "does not fit the model the config builds" in one_error_line(capsys)
 
 
+def test_resume_from_a_run_whose_saved_config_is_not_yaml_is_one_line(photos, tmp_path, capsys):
+    assert main(tiny_args(photos, tmp_path / "logs", "lightning.max_iterations=1")) == 0
+    run = only_run_dir(tmp_path / "logs")
+    (config,) = (run / "configs").glob("*-project.yaml")
+    config.write_text("model: [unclosed\n  params: {\n")  # before: yaml's ScannerError with a traceback
+    capsys.readouterr()
+    assert main(["-t", "-r", str(run), "--logger", "csv", "lightning.max_iterations=2"]) == 2
+    line = one_error_line(capsys)
+    assert f"config file '{config}' is not valid YAML" in line and "move it out of configs/" in line
+    config.write_text("- a list\n- not a mapping\n")
+    assert main(["-t", "-r", str(run), "--logger", "csv"]) == 2
+    assert "must hold a mapping, got list" in one_error_line(capsys)
+
+
 @pytest.mark.parametrize(
     "tool", ["klvae.interop.export", "klvae.evaluation.evaluate", "klvae.evaluation.latent_stats"]
 )
@@ -246,6 +307,16 @@ def test_make_shards_bad_input_is_one_line(tmp_path, capsys):
 
     assert make_shards([str(tmp_path / "nothing-here"), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
     assert "nothing-here" in one_error_line(capsys, "klvae-make-shards: error: ")
+
+
+def test_make_shards_out_naming_a_file_is_one_line(photos, tmp_path, capsys):
+    from klvae.data.make_shards import main as make_shards
+
+    (tmp_path / "out").write_text("a file")  # before: FileExistsError with a traceback
+    assert make_shards([str(photos), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert f"output folder '{tmp_path / 'out'}' is an existing file" in one_error_line(
+        capsys, "klvae-make-shards: error: "
+    )
 
 
 def test_a_diverging_run_stops_with_one_line_and_keeps_finite_checkpoints(photos, tmp_path, capsys):

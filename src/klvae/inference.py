@@ -24,11 +24,40 @@ from typing import Any
 import torch
 from torch import nn
 
+from klvae.errors import ConfigError
 from klvae.interop.formats import build_vae, read_vae_weights
 from klvae.modules.distributions import DiagonalGaussianDistribution
 from klvae.modules.vae import KLAutoencoder
 
-__all__ = ["InferenceVAE", "tiled_apply"]
+__all__ = ["InferenceVAE", "resolve_device", "tiled_apply"]
+
+
+def resolve_device(device: str | torch.device, flag: str = "--device") -> torch.device:
+    """The tools' ``--device`` as a ``torch.device`` that this machine has.
+
+    Raises:
+        ConfigError: not a device name, or a CUDA/MPS device that is not there; the message says what to use.
+    """
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"{flag} {str(device)!r} is not a device; use cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(
+                f"{flag} {str(device)!r}: no CUDA GPU is visible on this machine (torch.cuda.is_available() is "
+                "False); use --device cpu, or check CUDA_VISIBLE_DEVICES and the driver"
+            )
+        if resolved.index is not None and resolved.index >= count:
+            raise ConfigError(
+                f"{flag} {str(device)!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+            )
+    elif resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{flag} {str(device)!r}: MPS is not available on this machine; use --device cpu")
+    elif resolved.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"{flag} {str(device)!r}: klvae's tools run on cpu, cuda[:N] or mps")
+    return resolved
 
 
 def _tile_starts(size: int, tile: int, stride: int) -> list[int]:

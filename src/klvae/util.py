@@ -22,6 +22,7 @@ __all__ = [
     "get_obj_from_str",
     "instantiate_from_config",
     "load_config",
+    "load_yaml_mapping",
     "to_container",
 ]
 
@@ -192,6 +193,28 @@ def _parse_override_value(item: str, value: str) -> Any:
         raise ConfigError(f"override {item!r}: cannot parse the value {value!r}: {e}") from e
 
 
+def load_yaml_mapping(path: str | Path, hint: str = "") -> dict[str, Any]:
+    """A user's YAML config file as a plain dict (``${...}`` left unresolved); ``{}`` for an empty file.
+
+    Raises:
+        ConfigError: the file does not exist, does not parse, or does not hold a mapping; ``hint`` (what
+            to do about it) ends the message.
+    """
+    path = Path(path)
+    hint = f"; {hint}" if hint else ""
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist{hint}")
+    try:
+        loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
+    except Exception as e:  # yaml.YAMLError and friends: point at the file
+        raise ConfigError(
+            f"config file {str(path)!r} is not valid YAML: {' '.join(str(e).split())}{hint}"
+        ) from e
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping, got {type(loaded).__name__}{hint}")
+    return loaded
+
+
 def load_config(
     paths: Sequence[str | Path], overrides: Sequence[str] = (), base: DictConfig | None = None
 ) -> DictConfig:
@@ -213,16 +236,7 @@ def load_config(
     """
     merged: Any = {} if base is None else OmegaConf.to_container(base, resolve=False)
     for path in paths:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
-        except Exception as e:  # yaml.YAMLError and friends: point at the file
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from e
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping, got {type(loaded).__name__}")
-        merged = _merge_blocks(merged, loaded)
+        merged = _merge_blocks(merged, load_yaml_mapping(path))
     config = OmegaConf.create(merged)
     for item in overrides:
         key, sep, value = item.partition("=")

@@ -62,11 +62,12 @@ def test_metrics_match_direct_computation(setup) -> None:
     assert result.worst[0][2].shape == (2, 3, 32, 32) and result.worst[0][2].dtype == torch.uint8
 
 
-def test_cli_writes_json_and_grid_and_reports_missing_inception(setup, tmp_path) -> None:
+def test_cli_writes_json_and_grid_and_reports_missing_inception(setup, tmp_path, monkeypatch) -> None:
     root, _, ckpt = setup
     out = tmp_path / "out"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty-cache"))  # no Inception in the default place
     main([str(ckpt), "--data", str(root / "imgs"), "--resolution", "32", "--batch-size", "2", "--out", str(out),
-          "--lpips", "random", "--inception", str(tmp_path / "missing.pt"), "--grid-k", "2"])  # fmt: skip
+          "--lpips", "random", "--grid-k", "2"])  # fmt: skip
     metrics = json.loads((out / "metrics.json").read_text())
     assert (
         metrics["num_images"] == 5
@@ -159,3 +160,43 @@ def test_rfid_below_the_minimum_image_count_is_marked_unreliable(setup, monkeypa
         and m["rfid_unreliable"] is True
         and m["rfid_min_images"] == MIN_RFID_IMAGES == 2048
     )
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        # Before: exit 0, the metric skipped and an error logged. A file the user names must exist.
+        (
+            ["--lpips", "{tmp}/no-vgg.pth"],
+            "--lpips '{tmp}/no-vgg.pth': no such file; give the weights file, or --lpips none to skip LPIPS",
+        ),
+        (["--inception", "{tmp}/no-inception.pt"], "--inception '{tmp}/no-inception.pt': no such file"),
+        (
+            ["--inception", "{tmp}/not-torchscript.pt"],
+            "--inception '{tmp}/not-torchscript.pt' could not be loaded",
+        ),
+        (["--lpips", "{tmp}/not-torchscript.pt"], "--lpips '{tmp}/not-torchscript.pt': "),
+        # Before: a RuntimeError traceback from the PSNR of a 36² input and a 32² reconstruction (f = 2 here).
+        (
+            ["--resolution", "35"],
+            "--resolution 35 is not a multiple of the VAE's downsampling factor 2; use 34 or 36",
+        ),
+        # Before: torch's RuntimeError from the first .to("cuda").
+        (["--device", "cuda"], "--device 'cuda': no CUDA GPU is visible on this machine"),
+        (["--device", "gpu0"], "--device 'gpu0' is not a device; use cpu, cuda or cuda:N"),
+        # Before: FileExistsError from mkdir.
+        (["--out", "{tmp}/not-torchscript.pt"], "--out '{tmp}/not-torchscript.pt' is an existing file"),
+    ],
+)
+def test_bad_flags_are_one_line_and_exit_2(setup, tmp_path, capsys, flags, message) -> None:
+    from tests.test_errors import one_error_line
+
+    if torch.cuda.is_available() and "cuda" in flags:
+        pytest.skip("this machine has a GPU")
+    root, _, ckpt = setup
+    (tmp_path / "not-torchscript.pt").write_bytes(b"garbage" * 10)
+    args = [str(ckpt), "--data", str(root / "imgs"), "--resolution", "32", "--out", str(tmp_path / "out"),
+            "--lpips", "none", "--inception", "none"]  # fmt: skip
+    assert main([*args, *(f.format(tmp=tmp_path) for f in flags)]) == 2
+    assert message.format(tmp=tmp_path) in one_error_line(capsys, "klvae-eval: error: ")
+    assert not (tmp_path / "out").exists()  # nothing written before the flags were checked

@@ -108,3 +108,29 @@ def test_batch_norm_statistics_only_for_a_vae_with_a_latent_batch_norm(tmp_path)
     assert (
         main([str(tmp_path / "vae.safetensors"), "--data", str(tmp_path / "imgs"), "--resolution", "30"]) == 2
     )
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ["--resolution", "33"],
+            "--resolution 33 is not a multiple of the VAE's downsampling factor 2; use 32 or 34",
+        ),
+        (["--device", "cuda"], "--device 'cuda': no CUDA GPU is visible on this machine"),
+        (["--out", "{tmp}"], "--out '{tmp}' is a folder; give the path of the JSON file to write"),
+    ],
+)
+def test_bad_flags_are_one_line_and_exit_2(tmp_path, capsys, flags, message) -> None:
+    from klvae.interop.formats import read_vae_weights, write_vae
+    from tests.test_errors import one_error_line
+
+    if torch.cuda.is_available() and "cuda" in flags:
+        pytest.skip("this machine has a GPU")
+    torch.save(KLAutoencoder.from_ddconfig(TINY_F2, 4).state_dict(), tmp_path / "vae.pth")
+    ckpt = write_vae(read_vae_weights(tmp_path / "vae.pth", ddconfig=TINY_F2), tmp_path / "vae.safetensors")
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(np.zeros((40, 48, 3), dtype=np.uint8)).save(tmp_path / "imgs" / "0.png")
+    args = [str(ckpt), "--data", str(tmp_path / "imgs"), "--resolution", "32"]
+    assert main([*args, *(f.format(tmp=tmp_path) for f in flags)]) == 2
+    assert message.format(tmp=tmp_path) in one_error_line(capsys, "klvae-latent-stats: error: ")

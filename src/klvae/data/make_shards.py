@@ -168,6 +168,10 @@ def write_shards(
     if not 1 <= quality <= 100:
         raise ValueError(f"quality must be in [1, 100], got {quality!r}")
     out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ValueError(
+            f"output folder {str(out)!r} is an existing file; give a folder (created if missing)"
+        )
     out.mkdir(parents=True, exist_ok=True)
     files = collect_inputs(inputs)
     summary = ShardSummary()

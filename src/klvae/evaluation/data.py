@@ -24,13 +24,29 @@ from klvae.data.folder import ImageFolderDataset
 from klvae.data.sharding import assign_shards, expand_shards, worker_info
 from klvae.data.transforms import ImageTransform, find_image_key, to_model_batch
 from klvae.data.workers import ignore_stop_signals
+from klvae.errors import ConfigError
 
-__all__ = ["ImageBatches", "image_batches", "is_folder"]
+__all__ = ["ImageBatches", "check_resolution", "image_batches", "is_folder"]
 
 
 def is_folder(source: str) -> bool:
     """True for an existing directory; anything else is treated as a shard spec."""
     return Path(source).expanduser().is_dir()
+
+
+def check_resolution(resolution: int, downsampling: int, flag: str = "--resolution") -> None:
+    """The evaluation crop side must be a multiple of the VAE's downsampling factor ``f``: else the
+    latents cover a cropped or padded image and the reconstruction does not match the input's size.
+
+    Raises:
+        ConfigError: naming the value and the nearest sides that work.
+    """
+    if resolution % downsampling:
+        lower = resolution - resolution % downsampling
+        choices = f"{lower} or {lower + downsampling}" if lower else str(downsampling)
+        raise ConfigError(
+            f"{flag} {resolution} is not a multiple of the VAE's downsampling factor {downsampling}; use {choices}"
+        )
 
 
 def _collate(samples: list[dict]) -> dict:

@@ -208,10 +208,40 @@ def main(argv: list[str] | None = None) -> int:
     return run_cli("klvae-eval", _parser(), _run, argv)
 
 
+def _metric_model(flag: str, value: str | None, keywords: tuple, load, errors: dict, metric: str):
+    """LPIPS or the Inception for ``flag``: ``none`` skips the metric; when the default weights
+    (``keywords[0]``) are missing the metric is skipped and the error recorded; a file the user names must
+    exist and load (else a ConfigError: exit 2, not a silently missing metric)."""
+    from klvae.errors import ConfigError
+
+    if value == "none":
+        return None
+    name = {"lpips": "LPIPS", "rfid": "rFID"}[metric]
+    if value not in keywords and not Path(value).expanduser().is_file():
+        raise ConfigError(
+            f"{flag} {value!r}: no such file; give the weights file, or {flag} none to skip {name}"
+        )
+    try:
+        return load(value)
+    except (FileNotFoundError, ValueError) as e:
+        if value != keywords[0]:
+            raise ConfigError(
+                f"{flag} {value!r}: {e}; give a valid file, or {flag} none to skip {name}"
+            ) from e
+        errors[metric] = str(e)  # the standard cache is empty: report the other metrics anyway
+        log.error("%s skipped: %s", name, e)
+        return None
+    except RuntimeError as e:  # torch.jit.load of something that is not TorchScript
+        if value == keywords[0]:
+            raise
+        raise ConfigError(f"{flag} {value!r} could not be loaded ({e}); give a valid file, or {flag} none "
+                          f"to skip {name}") from e  # fmt: skip
+
+
 def _run(args: argparse.Namespace) -> None:
     from klvae.errors import ConfigError, load_user_file
-    from klvae.evaluation.data import image_batches
-    from klvae.inference import InferenceVAE
+    from klvae.evaluation.data import check_resolution, image_batches
+    from klvae.inference import InferenceVAE, resolve_device
     from klvae.modules.perceptual import load_lpips
 
     for name in ("resolution", "batch_size", "grid_k"):
@@ -219,34 +249,31 @@ def _run(args: argparse.Namespace) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {args.limit}")
+    device = resolve_device(args.device)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    errors: dict[str, str] = {}
-    lpips_model = inception = None
-    if args.lpips != "none":
-        try:
-            lpips_model = load_lpips(args.lpips).to(args.device)
-        except (FileNotFoundError, ValueError) as e:  # report the other metrics anyway
-            errors["lpips"] = str(e)
-            log.error("LPIPS skipped: %s", e)
-    if args.inception != "none":
-        try:
-            inception = load_inception(args.inception, device=args.device)
-        except FileNotFoundError as e:
-            errors["rfid"] = str(e)
-            log.error("rFID skipped: %s", e)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {args.out!r} is an existing file; give a folder (created if missing)")
     vae = load_user_file(
         f"checkpoint {args.checkpoint}",
         lambda: InferenceVAE.from_pretrained(
-            args.checkpoint, use_ema=False if args.no_ema else None, device=args.device
+            args.checkpoint, use_ema=False if args.no_ema else None, device=device
         ),
     )
+    check_resolution(args.resolution, vae.downsampling)
+    errors: dict[str, str] = {}
+    lpips_model = _metric_model(
+        "--lpips", args.lpips, ("imagenet", "random"), lambda v: load_lpips(v).to(device), errors, "lpips"
+    )
+    inception = _metric_model(
+        "--inception", args.inception, (None,), lambda v: load_inception(v, device=device), errors, "rfid"
+    )
+    out.mkdir(parents=True, exist_ok=True)
     batches = image_batches(args.data, args.resolution, args.batch_size, args.num_workers)
     total = batches.total
     result = evaluate(
         vae,
         batches,
-        args.device,
+        device,
         lpips_model,
         inception,
         args.sample,
@@ -279,7 +306,7 @@ def _run(args: argparse.Namespace) -> None:
     ):  # klvae.evaluation.latent_metrics: latent_metrics.json + latent_spectrum.png in out
         from klvae.evaluation.latent_metrics import write_latent_metrics
 
-        write_latent_metrics(vae, args.data, args.resolution, args.batch_size, out, args.device, args.limit)
+        write_latent_metrics(vae, args.data, args.resolution, args.batch_size, out, device, args.limit)
 
     def fmt(v: float | None) -> str:
         return "n/a" if v is None else ("inf" if math.isinf(v) else f"{v:.4f}")

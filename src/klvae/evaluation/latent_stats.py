@@ -160,20 +160,24 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> None:
     from klvae.errors import ConfigError, load_user_file
-    from klvae.evaluation.data import image_batches
-    from klvae.inference import InferenceVAE
+    from klvae.evaluation.data import check_resolution, image_batches
+    from klvae.inference import InferenceVAE, resolve_device
 
     for name in ("resolution", "batch_size"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {args.limit}")
+    device = resolve_device(args.device)
+    if args.out and Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out!r} is a folder; give the path of the JSON file to write")
     vae = load_user_file(
         f"checkpoint {args.checkpoint}",
         lambda: InferenceVAE.from_pretrained(
-            args.checkpoint, use_ema=False if args.no_ema else None, device=args.device
+            args.checkpoint, use_ema=False if args.no_ema else None, device=device
         ),
     )
+    check_resolution(args.resolution, vae.downsampling)
     norm = vae.model.network.latent_batch_norm
     if norm is not None:
         multiple = vae.downsampling * math.lcm(*norm.patch_size)
@@ -193,7 +197,7 @@ def _run(args: argparse.Namespace) -> None:
             seen += x.shape[0]
             yield x
 
-    result = compute_latent_stats(vae, limited(), sample=not args.mode, device=args.device)
+    result = compute_latent_stats(vae, limited(), sample=not args.mode, device=device)
     result.update(
         checkpoint=str(args.checkpoint),
         data=args.data,

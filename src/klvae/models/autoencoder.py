@@ -158,8 +158,11 @@ class AutoencoderKL(KLAutoencoder, pl.LightningModule):
             )
         if gradient_clip_val is not None and gradient_clip_val <= 0:
             raise ValueError(f"gradient_clip_val must be > 0 or null, got {gradient_clip_val!r}")
-        if len(adam_betas) != 2:
-            raise ValueError(f"adam_betas must be two numbers, got {adam_betas!r}")
+        if len(adam_betas) != 2 or not all(0 <= beta < 1 for beta in adam_betas):
+            raise ValueError(f"adam_betas must be two numbers in [0, 1), got {list(adam_betas)!r}")
+        for name, value in (("learning_rate", learning_rate), ("lr_g_factor", lr_g_factor)):
+            if not value > 0:  # Adam would reject it only at the start of fit
+                raise ValueError(f"{name} must be > 0, got {value!r}")
         lossconfig = to_container(lossconfig)
         lr_schedule = to_container(lr_schedule)
         warm_start = None
@@ -186,6 +189,9 @@ class AutoencoderKL(KLAutoencoder, pl.LightningModule):
             use_post_quant_conv = warm_start.network.use_post_quant_conv if warm_start is not None else True
         # The network (KLAutoencoder: encoder, quant convs, decoder); nothing may be set on self before this.
         super().__init__(NetworkConfig.from_params(ddconfig, embed_dim, use_quant_conv, use_post_quant_conv))
+        if self.network.out_ch != self.network.in_channels:  # the loss compares x̂ with x channel by channel
+            raise ValueError(f"ddconfig.out_ch={self.network.out_ch} must equal ddconfig.in_channels="
+                             f"{self.network.in_channels}: training compares the reconstruction with its input")  # fmt: skip
         self.lr_schedule = LRSchedule.from_config(lr_schedule)
         opts = None if optimizations is None else to_container(optimizations)
         self.optimizations = parse_optimizations(opts)
@@ -268,14 +274,16 @@ class AutoencoderKL(KLAutoencoder, pl.LightningModule):
 
     def get_input(self, batch: Mapping[str, Any]) -> torch.Tensor:
         if self.image_key not in batch:
-            raise KeyError(
-                f"batch has no key {self.image_key!r} (keys: {sorted(batch)}); set model.params.image_key"
+            raise ConfigError(
+                f"batch has no key {self.image_key!r} (keys: {sorted(batch)}); set model.params.image_key "
+                "to the data's image key (data.params.image_key)"
             )
         x = batch[self.image_key]
         if x.dim() != 4 or x.shape[1] != self.encoder.conv_in.in_channels:
-            raise ValueError(
-                f"batch[{self.image_key!r}] must be (B, {self.encoder.conv_in.in_channels}, H, W) float in [-1, 1], "
-                f"got shape {tuple(x.shape)} (BHWC data must be permuted to BCHW)"
+            raise ConfigError(
+                f"batch[{self.image_key!r}] must be (B, {self.encoder.conv_in.in_channels}, H, W) float in [-1, 1] "
+                f"(model.params.ddconfig.in_channels), got shape {tuple(x.shape)}; set in_channels to the "
+                "images' channels (3 for RGB), and permute BHWC data to BCHW"
             )
         return x.float()
 

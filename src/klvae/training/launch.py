@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -57,14 +58,33 @@ class Job:
     checkpointer: Any
 
 
+def _positive_number(key: str, value: Any) -> float:
+    """``value`` as a float if it is a finite number > 0; else a ConfigError naming ``key``."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ConfigError(f"{key} must be a number > 0 (e.g. 4.5e-6), got {value!r}")
+    return float(value)
+
+
 def scale_learning_rate(config: DictConfig, plan: TrainerPlan, scale: bool) -> float:
-    """Set ``model.params.learning_rate`` from ``model.base_learning_rate`` (LDM's rule) and return it."""
+    """Set ``model.params.learning_rate`` from ``model.base_learning_rate`` (LDM's rule) and return it.
+
+    Raises:
+        ConfigError: a learning rate that is not a number > 0 (Adam would reject it at the start of fit).
+    """
     model = config.model
     base_lr = model.get("base_learning_rate")
     if base_lr is None:
-        lr = model.get("params", {}).get("learning_rate", 4.5e-6)
+        lr = _positive_number(
+            "model.params.learning_rate", model.get("params", {}).get("learning_rate", 4.5e-6)
+        )
         rank_zero_only(log.info)(f"no model.base_learning_rate: using model.params.learning_rate = {lr:.2e}")
-        return float(lr)
+        return lr
+    base_lr = _positive_number("model.base_learning_rate", base_lr)
     accumulate = int(model.get("params", {}).get("accumulate_grad_batches", 1))
     batch_size = config.get("data", {}).get("params", {}).get("batch_size")
     if scale:
@@ -232,6 +252,11 @@ def prepare(args: argparse.Namespace) -> Job:
         raise ConfigError(
             f"--gpus {args.gpus!r}: no CUDA GPU is visible on this machine (torch.cuda.is_available() is False); "
             "drop --gpus to train on the CPU, or check CUDA_VISIBLE_DEVICES and the driver"
+        )
+    logdir = Path(args.logdir)
+    if logdir.exists() and not logdir.is_dir():
+        raise ConfigError(
+            f"--logdir {args.logdir!r} is an existing file; give a folder for the run directories"
         )
     config, run, ckpt = _merge_configs(args)
     to_container(config)  # a `???` left unset or a broken ${...} fails now, naming its full key

@@ -29,7 +29,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from klvae.errors import ConfigError
-from klvae.util import to_container
+from klvae.util import load_yaml_mapping, to_container
 
 __all__ = [
     "RunDir",
@@ -183,7 +183,8 @@ def load_run_config(run: RunDir) -> DictConfig:
     files = sorted(run.configs.glob("*.yaml"))
     if not files:
         raise ConfigError(f"run directory {str(run.root)!r} has no configs/*.yaml to resume with")
-    return OmegaConf.merge(*(OmegaConf.load(f) for f in files))
+    hint = "repair it, or move it out of configs/ to resume with the run's other saved configs"
+    return OmegaConf.merge(*(OmegaConf.create(load_yaml_mapping(f, hint)) for f in files))
 
 
 def save_config(run: RunDir, config: DictConfig | Mapping[str, Any], now: str) -> Path:
