@@ -15,7 +15,7 @@ import torch
 from omegaconf import OmegaConf
 
 from klvae.training.cli import main
-from tests.cli_helpers import TINY, only_run_dir, tiny_args, train_losses
+from tests.cli_helpers import TINY, only_run_dir, tiny_args, train_losses, write_photos
 from tests.conftest import tiny_backbone_config
 from tests.models.test_compiled_training import graphs_per_region
 
@@ -52,7 +52,7 @@ def values(run: Path, key: str) -> list[float]:
 
 
 @pytest.mark.parametrize(
-    "variant", ["eager", "compiled", pytest.param("bf16", marks=pytest.mark.slow)]
+    "variant", ["eager", "compiled", "eqvae_accumulation", pytest.param("bf16", marks=pytest.mark.slow)]
 )  # fmt: skip
 def test_vf_loss_and_dino_discriminator_train_across_disc_start(photos, tmp_path, caplog, variant):
     caplog.set_level(logging.INFO)
@@ -65,6 +65,12 @@ def test_vf_loss_and_dino_discriminator_train_across_disc_start(photos, tmp_path
         ]
     if variant == "bf16":
         extra += ["lightning.trainer.precision=bf16-mixed"]
+    if (
+        variant == "eqvae_accumulation"
+    ):  # EQ-VAE's τ between the cut latent and the decoder, 2 batches a round
+        extra = ["model.params.update_schedule=every_batch", "model.params.accumulate_grad_batches=2",
+                 "model.params.equivariance={p: 0.5, p_small: 0.25, seed: 0}", "data.params.size=64"]  # fmt: skip
+        photos = write_photos(tmp_path / "photos64", size=64)  # the low-resolution branch halves the side
     try:
         args = tiny_args(photos, tmp_path / "logs", "lightning.max_iterations=8", *extra)
         args[1] = str(recipe(tmp_path))
