@@ -260,6 +260,7 @@ class AutoencoderKL(KLAutoencoder, pl.LightningModule):
         self._iteration = 0
         self._micro_step = 0
         self._disc_updates = 0  # discriminator updates so far (the lazy R1 clock)
+        self._unwritten_logs: dict[str, torch.Tensor] = {}  # see _with_unwritten
         # Non-finite guard, on the device so that no step waits for the host (klvae.models.nonfinite).
         self.nonfinite = NonFiniteGuard(("autoencoder", "discriminator"), max_nonfinite_in_a_row)
 
@@ -576,7 +577,24 @@ class AutoencoderKL(KLAutoencoder, pl.LightningModule):
         logs["train/skipped_nonfinite"] = self.nonfinite.total_skipped().float()
         if self.equivariance is not None:  # 0 normal, 1 equivariance, 2 low-resolution prior preservation
             logs["train/eq_branch"] = torch.full((), float(branch.index), device=x.device)
-        self.log_dict(logs, on_step=True, on_epoch=False, logger=True, batch_size=x.shape[0])
+        self.log_dict(
+            self._with_unwritten(logs), on_step=True, on_epoch=False, logger=True, batch_size=x.shape[0]
+        )
+
+    def _with_unwritten(self, logs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This step's metrics plus the latest ones of earlier steps that no log row has held yet.
+
+        Lightning writes a row every ``log_every_n_steps`` batches. In the alternate schedule an even
+        cadence would only ever land on discriminator updates and the generator's losses would never be
+        written; so a row also holds the other update's latest losses, if no row held them yet. Each value
+        is written at most once (no stale copies: ``training_step`` drops the step results first).
+        """
+        every = self.trainer.log_every_n_steps
+        # Lightning's cadence (LoggerConnector.should_update_logs), counted in batches as _micro_step is.
+        written_now = bool(every) and self._micro_step % every == 0
+        merged = {**self._unwritten_logs, **logs}
+        self._unwritten_logs = {} if written_now else merged
+        return merged
 
     # ------------------------------------------------------------------ evaluation
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
