@@ -174,7 +174,9 @@ def test_vf_recipe_uses_the_dino_discriminator_with_lecam():
     assert loss.terms.vf.params.latent_channels == cfg.model.params.embed_dim == 16
 
 
-@pytest.mark.parametrize("recipe", ["finetune_sdxl_vae.yaml", "finetune_flux_vae.yaml"])
+@pytest.mark.parametrize(
+    "recipe", ["finetune_sdxl_vae.yaml", "finetune_flux_vae.yaml", "finetune_flux2_vae.yaml"]
+)
 def test_bucket_overlay_turns_a_finetune_recipe_into_a_bucketed_1024_phase(recipe):
     from klvae.data.phases import PhaseSchedule
     from klvae.perf.options import parse_optimizations
