@@ -12,7 +12,6 @@ from klvae.diffusability.benchmark import main, run_benchmark
 from klvae.diffusability.encode import encode_to_shards
 from klvae.diffusability.protocol import protocol_for
 from klvae.evaluation.data import image_batches
-from klvae.io.cache import inception_path
 from tests.cli_helpers import write_photos
 from tests.diffusability.conftest import save_vae, tiny_vae
 
@@ -95,31 +94,3 @@ def test_benchmark_tells_a_trained_vae_from_an_untrained_one(two_vaes) -> None:
     # Measured: SWD 329 vs 430 (samples), 349 vs 388 (reconstructions), in this configuration.
     assert trained["swd"] < untrained["swd"], (trained, untrained)
     assert trained["recon_swd"] < untrained["recon_swd"]
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(
-    reason="measured: gFID 459 (trained) vs 409 (untrained) with 16 real images; too few for FID",
-    strict=False,
-)
-@pytest.mark.skipif(
-    not inception_path().is_file(), reason="needs the FID Inception weights (klvae-fetch-weights)"
-)
-def test_trained_vae_has_the_better_gfid(tmp_path) -> None:
-    # gFID needs more than the default test's 16 samples (its bias dominates below a few hundred) and a VAE
-    # that reconstructs more than blobs: 400 VAE steps, 200 DiT steps, 128 samples (still UNRELIABLE).
-    photos = write_photos(tmp_path / "photos", n=16, size=64)
-    images = next(iter(image_batches(str(photos), 64, batch_size=16)))[0]
-    paths = {"trained": save_vae(_train_briefly(tiny_vae(seed=1), images, 400), tmp_path / "trained.safetensors"),
-             "untrained": save_vae(tiny_vae(seed=2), tmp_path / "untrained.safetensors")}  # fmt: skip
-    dirs = []
-    for name, path in paths.items():
-        dirs.append(str(tmp_path / name))
-        encode_to_shards(
-            str(path), str(photos), dirs[-1], resolution=64, flip=True, num_workers=0, progress=False
-        )
-    protocol = protocol_for("smoke", **{**FAST, "steps": 200, "num_samples": 128})
-    report = run_benchmark(dirs, tmp_path / "r", protocol, progress=False)
-    trained, untrained = (v["signals"] for v in report["vaes"])
-    assert trained["gfid_unreliable"] and trained["gfid"] < untrained["gfid"], (trained, untrained)
-    assert trained["kid"] < untrained["kid"]
