@@ -133,6 +133,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
         resize_to: Shorter side before cropping; None resizes to ``size``.
         min_size: Skip (count, replace) images whose shorter side is below this.
         random_flip: Random horizontal flips in training.
+        random_channel_permutation: Random order of the R, G, B channels in training (colour augmentation
+            for small or colour-poor training sets; see :class:`klvae.data.transforms.ImageTransform`).
         batch_size: Per-GPU batch size.
         num_workers: Loader worker processes.
         seed: Seed mixed into the per-sample crop generator.
@@ -148,6 +150,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         resize_to: int | None = None,
         min_size: int = 0,
         random_flip: bool = False,
+        random_channel_permutation: bool = False,
         batch_size: int = 12,
         num_workers: int = 0,
         seed: int = 0,
@@ -160,7 +163,14 @@ class ImageFolderDataModule(pl.LightningDataModule):
         if not isinstance(num_workers, int) or num_workers < 0:
             raise ConfigError(f"ImageFolderDataModule: num_workers must be an int >= 0, got {num_workers!r}")
         self.train_dir, self.val_dir = train_dir, val_dir
-        self.train_transform = ImageTransform(size, resize_to, min_size, random_flip, train=True)
+        self.train_transform = ImageTransform(
+            size,
+            resize_to,
+            min_size,
+            random_flip,
+            train=True,
+            random_channel_permutation=random_channel_permutation,
+        )
         self.val_transform = ImageTransform(size, resize_to, min_size, False, train=False)
         self.batch_size = batch_size
         self.num_workers = num_workers

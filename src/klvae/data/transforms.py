@@ -64,14 +64,17 @@ class ImageTransform:
 
     Pipeline: decode (JPEG: DCT-domain downscale to >= the target) -> RGB -> resize so the shorter side is
     ``resize_to`` (or ``size``) -> random crop (train) or center crop (validation) of ``size``² ->
-    optional horizontal flip (train only).
+    optional horizontal flip and colour-channel permutation (train only).
 
     Args:
         size: Output side length (the crop), e.g. 256.
         resize_to: Shorter side before cropping, e.g. 384 for LDM's OpenImages recipe; None means ``size``.
         min_size: Images whose *original* shorter side is below this raise ``ImageTooSmallError``.
         random_flip: Horizontal flip with probability 0.5 (train only).
-        train: Random crop and flip if True; center crop and no flip otherwise (deterministic).
+        random_channel_permutation: Put the R, G, B channels in one of their 6 orders, uniformly (train
+            only; torchvision's ``RandomChannelPermutation``): a colour augmentation for small or
+            colour-poor training sets, so that hues the photos lack are still reconstructed.
+        train: Random crop and augmentations if True; center crop and none otherwise (deterministic).
     """
 
     def __init__(
@@ -81,6 +84,7 @@ class ImageTransform:
         min_size: int = 0,
         random_flip: bool = False,
         train: bool = True,
+        random_channel_permutation: bool = False,
     ) -> None:
         if not isinstance(size, int) or size <= 0:
             raise ConfigError(f"size must be a positive int, got {size!r}")
@@ -92,6 +96,7 @@ class ImageTransform:
         self.resize_to = resize_to if resize_to is not None else size
         self.min_size = min_size
         self.random_flip = random_flip
+        self.random_channel_permutation = random_channel_permutation
         self.train = train
 
     def __call__(self, data: bytes, rng: random.Random) -> np.ndarray:
@@ -142,6 +147,8 @@ class ImageTransform:
             arr = np.asarray(out, dtype=np.uint8)  # (size, size, 3)
         if self.train and self.random_flip and rng.random() < 0.5:
             arr = arr[:, ::-1]
+        if self.train and self.random_channel_permutation:
+            arr = arr[:, :, rng.sample(range(3), 3)]  # (size, size, 3): a copy in the drawn channel order
         return arr
 
 

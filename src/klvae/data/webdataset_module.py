@@ -62,6 +62,8 @@ class WebDataModule(pl.LightningDataModule):
         resize_to: Shorter side before cropping (LDM OpenImages: 384); None resizes to ``size``.
         min_size: Skip (and count) images whose shorter side is below this.
         random_flip: Random horizontal flips in training.
+        random_channel_permutation: Random order of the R, G, B channels in training (colour augmentation
+            for small or colour-poor training sets; see :class:`klvae.data.transforms.ImageTransform`).
         batch_size: Per-GPU batch size.
         val_batch_size: Validation batch size; None uses ``batch_size``.
         num_workers: Loader worker processes per GPU.
@@ -81,6 +83,7 @@ class WebDataModule(pl.LightningDataModule):
         resize_to: int | None = None,
         min_size: int = 0,
         random_flip: bool = False,
+        random_channel_permutation: bool = False,
         batch_size: int = 12,
         val_batch_size: int | None = None,
         num_workers: int = 8,
@@ -108,7 +111,14 @@ class WebDataModule(pl.LightningDataModule):
         self.train_sources, self.train_weights, self.epoch_length = self._parse_train(train)
         self.val_shards = _check_keys(validation, _VAL_KEYS, "validation")["shards"] if validation else None
         # Fail on bad crop/resize settings now, not in a worker.
-        self.train_transform = ImageTransform(size, resize_to, min_size, random_flip, train=True)
+        self.train_transform = ImageTransform(
+            size,
+            resize_to,
+            min_size,
+            random_flip,
+            train=True,
+            random_channel_permutation=random_channel_permutation,
+        )
         self.val_transform = ImageTransform(size, resize_to, min_size, False, train=False)
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
