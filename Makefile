@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow lint format demo bench-loader clean
+.PHONY: install test test-slow lint format demo bench-loader gpu-check clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ demo: $(STAMP)
 
 bench-loader: $(STAMP)
 	$(PY) benchmarks/loader.py
+
+# One NVIDIA GPU, ~8 minutes: CUDA tests + side-by-side benchmarks -> gpu_check_out/ (docs/performance.md).
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

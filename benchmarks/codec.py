@@ -2,7 +2,8 @@
 """Encode-only and decode-only throughput of klvae's KLAutoencoder next to diffusers' AutoencoderKL.
 
 Inference mode, bf16 autocast on CUDA. Also decodes one ``--big-resolution`` image (1024² by default)
-whole and, when ``klvae.inference.InferenceVAE`` is present, in ``--tile-size`` tiles, to report peak memory.
+whole and in ``--tile-size`` tiles (``klvae.inference.InferenceVAE``), to report peak memory;
+``--no-throughput`` measures only that.
 
     python benchmarks/codec.py --device cpu --model tiny --batch 1 --resolution 64 --steps 2 --big-resolution 128 \
         --tile-size 64 --tile-overlap 16
@@ -12,6 +13,7 @@ whole and, when ``klvae.inference.InferenceVAE`` is present, in ``--tile-size`` 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import logging
 import sys
@@ -19,26 +21,36 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+if __package__ in (None, ""):  # run as a file: make the repository root importable (benchmarks.*)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_common_args, parse_variant, resolve_common  # noqa: E402
-
-from klvae.modules.config import NetworkConfig  # noqa: E402
-from klvae.modules.vae import KLAutoencoder  # noqa: E402
-from klvae.perf.apply import apply_runtime_optimizations  # noqa: E402
-from klvae.perf.bench import (  # noqa: E402
+from benchmarks.common import add_common_args, parse_variant, resolve_common
+from benchmarks.diffusers_ref import (
+    build_diffusers_vae,
+    compile_diffusers_vae,
+    diffusers_available,
+    diffusers_codec_fns,
+)
+from benchmarks.flops import count_flops
+from benchmarks.measure import (
+    BackendFlags,
     autocast_context,
     device_info,
     emit,
     peak_memory_gib,
     peak_tflops_for,
     reset_peak_memory,
+    set_backend_flags,
     summarize,
     time_calls,
 )
-from klvae.perf.diffusers_ref import build_diffusers_vae, diffusers_available, diffusers_codec_fns  # noqa: E402
-from klvae.perf.flops import count_flops  # noqa: E402
+from klvae.inference import InferenceVAE
+from klvae.modules.config import NetworkConfig
+from klvae.modules.vae import KLAutoencoder
+from klvae.perf.apply import apply_runtime_optimizations
+from klvae.perf.options import Optimizations
 
 log = logging.getLogger("benchmarks.codec")
 
@@ -75,27 +87,20 @@ def measure(
 def big_decode(
     vae: KLAutoencoder, args: argparse.Namespace, device: torch.device, base: dict[str, Any]
 ) -> None:
-    """Peak memory of decoding one big image, whole and (if klvae.inference exists) tiled."""
+    """Time and peak memory of decoding one big image (1, 4, R/8, R/8) whole and in tiles."""
     side = args.big_resolution // 8
     z = torch.randn(1, 4, side, side, device=device)
-    runs: dict[str, Callable[[], Any]] = {"whole": klvae_codec_fns(vae, z, z, args.precision)["decode"]}
-    try:
-        from klvae.inference import InferenceVAE
+    wrapped = InferenceVAE(vae)
 
-        wrapped = InferenceVAE(vae)
+    @torch.inference_mode()
+    def tiled() -> torch.Tensor:
+        with autocast_context(device, args.precision):
+            return wrapped.decode(z, tile_size=args.tile_size, tile_overlap=args.tile_overlap)
 
-        @torch.inference_mode()
-        def tiled() -> torch.Tensor:
-            with autocast_context(device, args.precision):
-                return wrapped.decode(z, tile_size=args.tile_size, tile_overlap=args.tile_overlap)
-
-        runs[f"tiled-{args.tile_size}"] = tiled
-    except (
-        ImportError,
-        TypeError,
-        ValueError,
-    ) as err:  # API not there (yet): measure the untiled decode only
-        log.warning("tiled decode not benchmarked: %s", err)
+    runs: dict[str, Callable[[], Any]] = {
+        "whole": klvae_codec_fns(vae, z, z, args.precision)["decode"],
+        f"tiled-{args.tile_size}": tiled,
+    }
     for mode, fn in runs.items():
         reset_peak_memory(device)
         try:
@@ -119,28 +124,44 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--tile-size", type=int, default=512)
     parser.add_argument("--tile-overlap", type=int, default=64)
+    parser.add_argument(
+        "--throughput", action=argparse.BooleanOptionalAction, default=True,
+        help="encode/decode throughput of the variants and diffusers (--no-throughput: big decode only)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     device, ddconfig, variants = resolve_common(args)
+    # One set of flags for every case (inference has no per-variant cudnn choice worth comparing).
+    cudnn = (
+        Optimizations().cudnn_benchmark_on(device) if args.cudnn_benchmark is None else args.cudnn_benchmark
+    )
+    flags = BackendFlags(cudnn_benchmark=cudnn, tf32=args.tf32)
+    set_backend_flags(flags)
     base = {"bench": "codec", "model": args.model, "batch": args.batch, "resolution": args.resolution,
-            "precision": args.precision, **device_info(device)}  # fmt: skip
+            "precision": args.precision, "backend_flags": flags.to_dict(), **device_info(device)}  # fmt: skip
     torch.manual_seed(0)
     images = torch.rand(args.batch, 3, args.resolution, args.resolution, device=device) * 2 - 1
     latents = torch.randn(args.batch, 4, args.resolution // 8, args.resolution // 8, device=device)
 
     eager = KLAutoencoder.from_ddconfig(ddconfig, 4).to(device).eval()
-    fns = klvae_codec_fns(eager, images, latents, args.precision)
-    flops = {op: count_flops(fn) for op, fn in fns.items()}  # counted once, eagerly
     if args.big_resolution:
         big_decode(eager, args, device, base)
+    if not args.throughput:
+        return
+    fns = klvae_codec_fns(eager, images, latents, args.precision)
+    flops = {op: count_flops(fn) for op, fn in fns.items()}  # counted once, eagerly
     del eager, fns
     for spec in variants:
-        opts = parse_variant(spec)
+        opts = dataclasses.replace(parse_variant(spec), cudnn_benchmark=flags.cudnn_benchmark)
+        if args.compile_backend != "inductor":
+            compile_on = True if opts.compile is None else opts.compile  # as on a GPU (--compile-backend)
+            opts = dataclasses.replace(
+                opts, compile=compile_on, compile_backend=args.compile_backend, compile_mode=None
+            )
         torch._dynamo.reset()
         vae = KLAutoencoder.from_ddconfig(ddconfig, 4).to(device).eval()
-        applied = apply_runtime_optimizations(
-            vae, opts, device, {"encoder": vae.encoder, "decoder": vae.decoder}
-        )
+        applied = apply_runtime_optimizations({"encoder": vae.encoder, "decoder": vae.decoder}, opts, device)
+        applied = applied.descriptions
         measure("klvae", klvae_codec_fns(vae, images, latents, args.precision), flops, args, device, base,
                 {"variant": spec, "applied": applied})  # fmt: skip
         del vae
@@ -152,8 +173,7 @@ def main(argv: list[str] | None = None) -> None:
             torch._dynamo.reset()
             vae = build_diffusers_vae(NetworkConfig.from_params(ddconfig, 4)).to(device).eval()
             if flavour == "compiled":
-                vae.encoder.compile()
-                vae.decoder.compile()
+                compile_diffusers_vae(vae, args.compile_backend)
             measure(f"diffusers-{flavour}", diffusers_codec_fns(vae, images, latents, args.precision), flops,
                     args, device, base, {"variant": f"diffusers-{flavour}"})  # fmt: skip
             del vae

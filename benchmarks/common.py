@@ -60,6 +60,15 @@ def parse_variant(spec: str) -> Optimizations:
     return parse_optimizations(config)
 
 
+def parse_bool(text: str) -> bool:
+    """``true``/``false`` (also 1/0, yes/no, on/off) for a command-line flag."""
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model", choices=["kl-f8", "tiny"], default="kl-f8")
@@ -78,6 +87,18 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
         "--peak-tflops", type=float, default=None, help="MFU denominator (default: 798 on H100/H200)"
     )
     parser.add_argument("--diffusers", choices=["auto", "none", "eager", "compiled", "both"], default="auto")
+    parser.add_argument("--tf32", action="store_true", help="allow TF32 matmuls/convolutions in every case")
+    parser.add_argument(
+        "--cudnn-benchmark", type=parse_bool, default=None, metavar="{true,false}",
+        help="cudnn.benchmark for every case (default: each klvae variant's own switch; diffusers: "
+        "klvae's default on the device)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--compile-backend", choices=["inductor", "aot_eager"], default="inductor",
+        help="torch.compile backend of every compiled case. aot_eager (the same graphs with eager kernels, "
+        "seconds to compile) also compiles on a CPU what a GPU run compiles: klvae variants whose compile "
+        "switch is auto, and diffusers with --diffusers auto",
+    )  # fmt: skip
 
 
 def quiet_lightning() -> None:
@@ -102,8 +123,8 @@ def resolve_common(args: argparse.Namespace) -> tuple[torch.device, dict[str, An
         args.precision = "bf16" if device.type == "cuda" else "fp32"
     if args.warmup is None:
         args.warmup = 5 if device.type == "cuda" else 1
-    if args.diffusers == "auto":
-        args.diffusers = "both" if device.type == "cuda" else "eager"
+    if args.diffusers == "auto":  # inductor on a CPU takes minutes; aot_eager compiles in seconds
+        args.diffusers = "both" if device.type == "cuda" or args.compile_backend == "aot_eager" else "eager"
     ddconfig = copy.deepcopy(KL_F8_DDCONFIG if args.model == "kl-f8" else TINY_DDCONFIG)
     ddconfig["resolution"] = args.resolution
     variants = SWEEP if args.sweep else (args.variant or ["default"])

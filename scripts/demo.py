@@ -84,7 +84,7 @@ def load_demo_vae(run: Path) -> torch.nn.Module:
     """The run's ``AutoencoderKL`` (built from its saved config) with ``last.ckpt``'s weights, in eval mode."""
     from omegaconf import OmegaConf
 
-    from klvae.callbacks import load_checkpoint
+    from klvae.io.checkpoints import load_checkpoint
     from klvae.util import instantiate_from_config
 
     config = OmegaConf.load(sorted((run / "configs").glob("*-project.yaml"))[-1])

@@ -1,9 +1,11 @@
-"""Check klvae's VAE weights against the original reference code of LDM and FLUX.1, not only diffusers.
+"""Check klvae's VAE weights against the original reference code of LDM, FLUX.1 and FLUX.2, not only diffusers.
 
-    python scripts/reference_roundtrip.py --ldm-repo PATH --flux-repo PATH [--cases ldm-kl-f8 ldm-c16 ldm-c16-noquant flux]
+    python scripts/reference_roundtrip.py --ldm-repo PATH --flux-repo PATH --flux2-repo PATH \
+        [--cases ldm-kl-f8 ldm-c16 ldm-c16-noquant flux flux2]
 
-``--ldm-repo`` is a checkout of CompVis/latent-diffusion, ``--flux-repo`` one of black-forest-labs/flux
-(nothing is downloaded; their code is imported from the checkouts). For each case a klvae network with random
+``--ldm-repo`` is a checkout of CompVis/latent-diffusion, ``--flux-repo`` one of black-forest-labs/flux,
+``--flux2-repo`` one of black-forest-labs/flux2 (nothing is downloaded; their code is imported from the
+checkouts). For each case a klvae network with random
 weights is written to disk in the layout that reference code reads, loaded into the reference implementation
 with ``load_state_dict(strict=True)``, and both encode and decode the same non-square input (1×3×64×96 in
 [-1, 1], float32). The script prints the largest absolute difference of every output and exits 1 when one
@@ -27,6 +29,13 @@ Cases:
   of FLUX.1's ``ae.safetensors``). Compared: the mean and logvar halves of FLUX's encoder moments, its
   ``encode`` (scaled and shifted mean), its raw decoder and its ``decode`` (which undoes scale and shift).
   Then ``klvae.load_vae`` reads that bare file back: the tensors alone must say 16 channels, no quant convs.
+* ``flux2``: FLUX.2's ``AutoEncoder(AutoEncoderParams(...))`` (``src/flux2/autoencoder.py``; z_channels 32,
+  quant convs inside its Encoder/Decoder, ``bn`` = BatchNorm2d(128, eps 1e-4, affine False) over 2×2 patches)
+  loads, with ``strict=True``, what ``klvae-export --format flux2-ae`` writes from klvae's 32-channel network
+  with random weights and random BatchNorm statistics. Compared: the mean and logvar halves of its encoder
+  moments, its ``encode`` (patchified, normalised mean) against ``bn.normalize``, its raw decoder, and its
+  ``decode`` (which undoes the normalisation) against ``bn.denormalize`` then klvae's decode. Then
+  ``klvae.load_vae`` reads the file back: the tensors alone must say 32 channels and the BatchNorm.
 
 LDM's ``AutoencoderKL`` module imports ``taming`` (for its VQ model) and ``pytorch_lightning``. klvae's
 environment has Lightning 2, under which the class imports and builds; for ``taming`` install::
@@ -59,8 +68,9 @@ from typing import Any
 import torch
 
 from klvae import KLAutoencoder, NetworkConfig, load_vae
+from klvae.modules.config import LatentBatchNormConfig
 
-CASES = ("ldm-kl-f8", "ldm-c16", "ldm-c16-noquant", "flux")
+CASES = ("ldm-kl-f8", "ldm-c16", "ldm-c16-noquant", "flux", "flux2")
 # FLUX.1's published autoencoder (black-forest-labs/flux, src/flux/util.py: ae_params).
 FLUX_SCALE_FACTOR = 0.3611
 FLUX_SHIFT_FACTOR = 0.1159
@@ -69,6 +79,7 @@ INPUT_SHAPE = (1, 3, 64, 96)
 SMALL_NETWORK = {"ch": 32, "ch_mult": (1, 2, 2, 2), "num_res_blocks": 1}
 LDM_MODULE = Path("ldm/models/autoencoder.py")
 FLUX_MODULE = Path("src/flux/modules/autoencoder.py")
+FLUX2_MODULE = Path("src/flux2/autoencoder.py")
 
 
 @dataclass
@@ -106,12 +117,15 @@ def random_network(network: NetworkConfig, seed: int) -> KLAutoencoder:
     return model.eval()
 
 
-def network_config(z_channels: int, quant_convs: bool, small: bool) -> NetworkConfig:
+def network_config(
+    z_channels: int, quant_convs: bool, small: bool, batch_norm: bool = False
+) -> NetworkConfig:
     return NetworkConfig(
         z_channels=z_channels,
         embed_dim=z_channels,
         use_quant_conv=quant_convs,
         use_post_quant_conv=quant_convs,
+        latent_batch_norm=LatentBatchNormConfig() if batch_norm else None,
         **(SMALL_NETWORK if small else {}),
     )
 
@@ -289,6 +303,69 @@ def run_flux_case(small: bool, workdir: Path, report: CaseReport) -> None:
         report.compare("klvae.load_vae reload: decode(mean)", reloaded.decode(posterior.mean), decoded)
 
 
+def run_flux2_case(small: bool, workdir: Path, report: CaseReport) -> None:
+    from flux2.autoencoder import AutoEncoder, AutoEncoderParams
+    from safetensors.torch import load_file
+
+    network = network_config(32, quant_convs=True, small=small, batch_norm=True)
+    ours = random_network(network, seed=32)
+    ours.bn.running_mean.normal_(0.0, 0.5)  # statistics that are not the defaults, so a lost one shows
+    ours.bn.running_var.uniform_(0.5, 2.0)
+    x = sample_input(seed=1)
+    with torch.no_grad():
+        posterior = ours.encode(x)  # (1, 32, 8, 12)
+        normalised = ours.bn.normalize(posterior.mean)  # (1, 128, 4, 6)
+        decoded = ours.decode(posterior.mean)
+    saved = workdir / "flux2-state.ckpt"
+    torch.save({"state_dict": ours.state_dict()}, saved)  # read back by its tensors alone
+    path = workdir / "ae.safetensors"
+    command = [*klvae_export_command(), str(saved), "--format", "flux2-ae", "--out", str(path)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        report.errors.append(f"{' '.join(command)} exited {done.returncode}: {done.stderr.strip()[-2000:]}")
+        return
+    params = AutoEncoderParams(
+        resolution=256, in_channels=3, ch=network.ch, out_ch=3, ch_mult=list(network.ch_mult),
+        num_res_blocks=network.num_res_blocks, z_channels=32,
+    )  # fmt: skip
+    theirs = AutoEncoder(params)
+    state = load_file(str(path))
+    theirs.load_state_dict(state, strict=True)
+    theirs.eval()
+    report.notes.append(f"ae.safetensors: {len(state)} tensors loaded into flux2.autoencoder.AutoEncoder "
+                        "with strict=True")  # fmt: skip
+    with torch.no_grad():
+        moments = theirs.encoder(x)  # (1, 64, 8, 12): its Encoder ends with quant_conv
+        their_mean, their_logvar = torch.chunk(moments, 2, dim=1)
+        their_latent = theirs.encode(x)  # patchified, normalised mean
+        their_decoded = theirs.decoder(posterior.mean)  # its Decoder starts with post_quant_conv
+        their_decode = theirs.decode(normalised)
+        ours_from_normalised = ours.decode(ours.bn.denormalize(normalised))
+    report.compare("encoder moments: mean half", posterior.mean, their_mean)
+    report.compare(
+        "encoder moments: logvar half (clamped)", posterior.logvar, their_logvar.clamp(-30.0, 20.0)
+    )
+    report.compare("AutoEncoder.encode (normalised patches)", normalised, their_latent)
+    report.compare("decoder(mean)", decoded, their_decoded)
+    report.compare("AutoEncoder.decode(normalised patches)", ours_from_normalised, their_decode)
+
+    reloaded = load_vae(path)
+    net = reloaded.network
+    report.facts.append(
+        ("klvae.load_vae(ae.safetensors): quant convs", net.use_quant_conv and net.use_post_quant_conv)
+    )
+    report.facts.append(
+        (f"klvae.load_vae(ae.safetensors): latent BatchNorm {net.latent_batch_norm}",
+         net.latent_batch_norm == LatentBatchNormConfig())
+    )  # fmt: skip
+    with torch.no_grad():
+        report.compare(
+            "klvae.load_vae reload: normalised mean",
+            reloaded.bn.normalize(reloaded.encode(x).mean),
+            normalised,
+        )
+
+
 def print_report(report: CaseReport, tol: float) -> None:
     for note in report.notes:
         print(f"  note: {note}")
@@ -315,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ldm-repo", help="checkout of CompVis/latent-diffusion (for the ldm-* cases)")
     parser.add_argument("--flux-repo", help="checkout of black-forest-labs/flux (for the flux case)")
+    parser.add_argument("--flux2-repo", help="checkout of black-forest-labs/flux2 (for the flux2 case)")
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES), help="cases to run")
     parser.add_argument("--tol", type=float, default=1e-4, help="largest allowed max abs difference")
     parser.add_argument("--small", action="store_true", help="narrow network (ch 32) for a quick check")
@@ -326,6 +404,11 @@ def main(argv: list[str] | None = None) -> int:
     if "flux" in args.cases:
         flux_root = checkout(parser, args.flux_repo, FLUX_MODULE, "--flux-repo", "black-forest-labs/flux")
         sys.path.insert(0, str(flux_root / "src"))
+    if "flux2" in args.cases:
+        flux2_root = checkout(
+            parser, args.flux2_repo, FLUX2_MODULE, "--flux2-repo", "black-forest-labs/flux2"
+        )
+        sys.path.insert(0, str(flux2_root / "src"))
 
     torch.set_grad_enabled(False)
     size = (
@@ -343,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 if case == "flux":
                     run_flux_case(args.small, Path(tmp), report)
+                elif case == "flux2":
+                    run_flux2_case(args.small, Path(tmp), report)
                 else:
                     channels = 4 if case == "ldm-kl-f8" else 16
                     quant = case != "ldm-c16-noquant"

@@ -11,6 +11,7 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import copy  # noqa: E402
 import logging  # noqa: E402
+import re  # noqa: E402
 from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
@@ -73,6 +74,36 @@ TINY_LOSSCONFIG = {
 }
 
 
+def tiny_backbone_dict(
+    model_name: str = "vit_small_patch14_dinov2.lvd142m", **overrides: Any
+) -> dict[str, Any]:
+    """``FrozenViT`` params of a tiny random timm ViT (4 blocks, width 32, 2 heads) for CPU tests.
+
+    ``image_size`` is 4 patches (56 for /14 models, 64 for /16); any key can be overridden, and
+    ``model_kwargs`` entries are merged.
+    """
+    patch = int(re.search(r"patch(\d+)", model_name).group(1))  # timm names carry it: vit_small_patch14_...
+    params: dict[str, Any] = {
+        "model_name": model_name,
+        "allow_random_backbone": True,
+        "image_size": 4 * patch,
+        "model_kwargs": {"depth": 4, "embed_dim": 32, "num_heads": 2},
+    }
+    model_kwargs = {**params["model_kwargs"], **overrides.pop("model_kwargs", {})}
+    params.update(overrides, model_kwargs=model_kwargs)
+    return params
+
+
+def tiny_backbone_config(
+    model_name: str = "vit_small_patch14_dinov2.lvd142m", **overrides: Any
+) -> dict[str, Any]:
+    """:func:`tiny_backbone_dict` as the ``{target, params}`` block a VF loss or DINO discriminator takes."""
+    return {
+        "target": "klvae.modules.backbones.FrozenViT",
+        "params": tiny_backbone_dict(model_name, **overrides),
+    }
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return
@@ -106,6 +137,12 @@ def _offline_wandb(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.delenv("KLVAE_RUN_DIR", raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _empty_hub_cache(tmp_path, monkeypatch):
+    """Backbones never find the developer's real Hugging Face weights (tiny test ViTs would not fit them)."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-hub-cache"))
 
 
 @pytest.fixture(scope="session")

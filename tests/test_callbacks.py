@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from klvae.callbacks import atomic_torch_save, image_schedule_hit, load_checkpoint, make_grid
+from klvae.callbacks import image_schedule_hit, make_grid
+from klvae.io.checkpoints import atomic_torch_save, load_checkpoint
 from klvae.training.cli import main
 from klvae.training.loggers import wandb_mode
 from klvae.training.run_dir import config_diff

@@ -8,7 +8,7 @@ import os
 import pytorch_lightning as pl
 import torch
 
-from klvae.callbacks.checkpointing import atomic_torch_save, checkpoint_problem
+from klvae.io.checkpoints import atomic_torch_save, checkpoint_problem
 from klvae.training.cli import main
 from klvae.training.run_dir import create_run_dir
 from tests.cli_helpers import only_run_dir, tiny_args

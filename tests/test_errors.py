@@ -34,6 +34,16 @@ def one_error_line(capsys, prefix: str = "error: ") -> str:
         (["model.params.lossconfig.params.kl_weight=abc"], "parameter 'kl_weight' must be float, got 'abc'"),
         (["data.params.batch_size=two"], "data.params.batch_size, got 'two'"),
         (["data.params.size=33"], "data.params.size=33 is not a multiple of the autoencoder's downsampling"),
+        (
+            ["data.params.buckets={step: 3}"],
+            "data.params.buckets.step=3 is not a multiple of the autoencoder's",
+        ),
+        (
+            ["data.params.phases=[{iterations: 2, size: 33}, {size: 32}]"],
+            "data.params.phases[0].size=33 is not a",
+        ),
+        (["data.params.phases=[{size: 32, iters: 2}]"], "phases[0]: unknown key(s) ['iters']"),
+        (["data.params.buckets={step: 8}", "data.params.resize_to=48"], "cannot be combined with buckets"),
         (["data.params.train_dir=/no/such/folder"], "image folder '/no/such/folder' does not exist"),
         (["data.params.train_dir=???"], "config key data.params.train_dir: Missing mandatory value"),
         (["lightning.checkpoint.every_n_iterations=-1"], "every_n_iterations must be a non-negative integer"),
@@ -170,7 +180,7 @@ def test_unreadable_validation_shards_fail_instead_of_validating_nothing(tmp_pat
 def test_full_disk_during_a_checkpoint_write_is_one_line_and_keeps_previous(
     photos, tmp_path, capsys, monkeypatch
 ):
-    import klvae.callbacks.checkpointing as ck
+    import klvae.io.checkpoints as ck
 
     real_save, calls = ck.torch.save, []
 
@@ -211,7 +221,7 @@ def small_tmpfs(tmp_path):
 
 
 def test_really_full_disk_is_one_line_and_keeps_a_loadable_checkpoint(photos, small_tmpfs, capsys):
-    import klvae.callbacks.checkpointing as ck
+    import klvae.io.checkpoints as ck
 
     # A tiny model's checkpoint is ~0.7 MB: last.ckpt, its temp copy and iter_*.ckpt do not all fit in 2 MiB.
     args = tiny_args(

@@ -86,3 +86,23 @@ def test_from_pretrained_reads_scaling_factor_and_builds_no_training_parts(tmp_p
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "(1, 3, 8, 8)"
+
+
+def test_flux2_batch_norm_scale_gives_normalised_patches_and_tiles_still_cover() -> None:
+    # A FLUX.2-shaped network: scale=True is the BatchNorm over 2x2 patches (no factors), and back.
+    model = KLAutoencoder.from_ddconfig({**TINY_F2, "z_channels": 8, "latent_batch_norm": {}}, 8)
+    model.bn.running_mean.normal_()
+    model.bn.running_var.uniform_(0.5, 2.0)
+    vae = InferenceVAE(model)
+    x = torch.rand(2, 3, 32, 48) * 2 - 1
+    z = vae.encode(x)  # (2, 8, 16, 24)
+    zs = vae.encode(x, scale=True)
+    assert zs.shape == (2, 32, 8, 12)
+    torch.testing.assert_close(zs, model.bn.normalize(z))
+    torch.testing.assert_close(vae.decode(zs, scale=True), vae.decode(z), rtol=1e-4, atol=1e-5)
+    # the normalisation happens on the whole latent: a tile covering it changes nothing
+    assert torch.equal(vae.encode(x, scale=True, tile_size=48, tile_overlap=8), zs)
+    assert torch.equal(vae.decode(zs, scale=True, tile_size=48, tile_overlap=8), vae.decode(zs, scale=True))
+    assert torch.equal(vae.posterior(x).mean, z)
+    with pytest.raises(ValueError, match="normalises latents with its BatchNorm"):
+        InferenceVAE(model, scaling_factor=0.5)

@@ -81,3 +81,61 @@ def test_the_network_and_inference_never_import_lightning() -> None:
     assert out.stdout.strip() == "False", out.stderr
     assert not any(dep.startswith(("klvae.models", "klvae.training")) for m, deps in graph.items()
                    if m.startswith("klvae.modules") for dep in deps)  # fmt: skip
+
+
+def test_the_package_never_imports_benchmarks() -> None:
+    import ast
+    from pathlib import Path
+
+    offenders = []
+    for path in Path(klvae.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):  # anywhere: functions' lazy imports too
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] == "benchmarks"]
+    assert not offenders, offenders
+
+
+# From the bottom up; a module may import its own layer and the ones below, never one above.
+LAYERS = [
+    ("klvae._lazy", "klvae.errors", "klvae.io", "klvae.util"),
+    ("klvae.modules",),
+    ("klvae.interop", "klvae.data", "klvae.evaluation", "klvae.inference", "klvae.perf"),
+    ("klvae.models",),
+    ("klvae.callbacks", "klvae.training"),
+    ("klvae.pretrained", "klvae.diffusability"),  # tools
+]
+
+
+def _layer(module: str) -> int | None:
+    for i, prefixes in enumerate(LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return i
+    return None
+
+
+def test_layers_point_one_way() -> None:
+    """Every import of every klvae module, the lazy ones inside functions too, points down the layers."""
+    import ast
+    from pathlib import Path
+
+    root = Path(klvae.__file__).parent
+    offenders, unplaced = [], []
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        if module == "klvae":
+            continue  # the public API re-exports every layer, lazily
+        own = _layer(module)
+        if own is None:
+            unplaced.append(module)
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            for name in names:
+                target = _layer(name) if name.startswith("klvae.") else None
+                if target is not None and target > own:
+                    offenders.append(f"{module} -> {name}")
+    assert not unplaced, f"modules in no layer: {unplaced}"
+    assert not offenders, offenders

@@ -1,11 +1,8 @@
-"""klvae.perf and the benchmarks: every speed switch keeps the numbers of the plain fp32 path."""
+"""klvae.perf: every speed switch keeps the numbers of the plain fp32 path."""
 
 from __future__ import annotations
 
 import copy
-import importlib.util
-import json
-from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
@@ -15,13 +12,10 @@ from torch.utils.data import DataLoader
 from klvae.models.autoencoder import AutoencoderKL
 from klvae.modules.losses import LPIPSWithDiscriminator
 from klvae.modules.perceptual import load_lpips
-from klvae.modules.vae import KL_F8_DDCONFIG, KLAutoencoder
-from klvae.perf.apply import apply_runtime_optimizations, make_adam
-from klvae.perf.flops import analytic_codec_flops, analytic_vgg_lpips_flops, count_module_flops
-from klvae.perf.lpips import lpips_distance
+from klvae.modules.vae import KLAutoencoder
+from klvae.perf.apply import make_adam
 from klvae.perf.options import Optimizations, parse_optimizations
 
-ROOT = Path(__file__).resolve().parents[1]
 PLAIN = {
     "compile": False,
     "fused_adam": False,
@@ -37,7 +31,7 @@ def test_unknown_optimizations_key_is_named():
 
 
 @pytest.mark.parametrize(
-    "bad", [{"compile": "yes"}, {"compile_regions": ["encoder", "vgg"]}, {"channels_last": "lpips"},
+    "bad", [{"compile": "yes"}, {"compile_regions": "encoder"}, {"channels_last": "lpips"},
             {"compile_mode": "fast"}, {"gradient_checkpointing": None}],
 )  # fmt: skip
 def test_invalid_optimizations_values_raise(bad):
@@ -52,35 +46,22 @@ def test_auto_switches_follow_the_device():
     assert Optimizations(compile=True).compile_on("cpu")
 
 
+@pytest.mark.parametrize("field", ["compile_regions", "channels_last"])
+def test_model_rejects_a_region_it_does_not_have(tiny_ddconfig, tiny_lossconfig, field):
+    with pytest.raises(
+        ValueError, match=rf"{field}: unknown region\(s\) \['vgg'\].*'discriminator', 'encoder'"
+    ):
+        AutoencoderKL(tiny_ddconfig, tiny_lossconfig, embed_dim=4, optimizations={field: ["encoder", "vgg"]})
+
+
 def test_model_rejects_unknown_optimization(tiny_ddconfig, tiny_lossconfig):
     with pytest.raises(ValueError, match="fused_adamw"):
         AutoencoderKL(tiny_ddconfig, tiny_lossconfig, embed_dim=4, optimizations={"fused_adamw": True})
 
 
-# ---------------------------------------------------------------- LPIPS with the target outside autograd
 @pytest.fixture(scope="module")
 def lpips_model():
     return load_lpips("random")
-
-
-def test_lpips_distance_equals_lpips_forward_value_and_gradient(lpips_model):
-    torch.manual_seed(0)
-    x = torch.rand(2, 3, 48, 48) * 2 - 1
-    x_hat = (x + 0.2 * torch.randn_like(x)).requires_grad_(True)
-    ref = lpips_model(x, x_hat)
-    (g_ref,) = torch.autograd.grad(ref.sum(), x_hat)
-    out = lpips_distance(lpips_model, x, x_hat)
-    (g_out,) = torch.autograd.grad(out.sum(), x_hat)
-    assert out.shape == ref.shape == (2, 1, 1, 1)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(g_out, g_ref, rtol=1e-4, atol=1e-8)
-
-
-def test_lpips_distance_keeps_no_graph_for_the_target(lpips_model):
-    x = (torch.rand(1, 3, 32, 32) * 2 - 1).requires_grad_(True)
-    x_hat = torch.rand(1, 3, 32, 32).requires_grad_(True)
-    lpips_distance(lpips_model, x, x_hat).sum().backward()
-    assert x.grad is None and x_hat.grad is not None
 
 
 def test_generator_loss_same_with_lpips_target_no_grad():
@@ -99,27 +80,6 @@ def test_generator_loss_same_with_lpips_target_no_grad():
         results.append((loss, logs["train/p_loss"], torch.autograd.grad(loss, x_hat)[0]))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-
-
-# ---------------------------------------------------------------- FLOPs
-def test_counted_flops_match_analytic_and_round_figures_for_kl_f8():
-    with torch.device("meta"):
-        vae = KLAutoencoder.from_ddconfig(KL_F8_DDCONFIG, 4)
-        enc = count_module_flops(lambda x: vae.quant_conv(vae.encoder(x)), torch.empty(1, 3, 256, 256))
-        dec = count_module_flops(vae.decode, torch.empty(1, 4, 32, 32))
-    analytic = analytic_codec_flops(vae.network, 256, 256)
-    assert enc == analytic["encoder"] and dec == analytic["decoder"]
-    assert (
-        abs(enc / 273e9 - 1) < 0.01 and abs(dec / 622e9 - 1) < 0.01
-    )  # LDM kl-f8 at 256²: ≈ 273 and 622 GFLOP
-
-
-def test_counted_lpips_pair_flops_match_analytic_and_round_figure(lpips_model):
-    meta = copy.deepcopy(lpips_model).to("meta")
-    x = torch.empty(1, 3, 256, 256, device="meta")
-    counted = count_module_flops(meta, x, x)
-    assert counted == analytic_vgg_lpips_flops(256, 256)
-    assert abs(counted / 80e9 - 1) < 0.01
 
 
 # ---------------------------------------------------------------- switches inside AutoencoderKL
@@ -192,7 +152,7 @@ def test_weights_stay_fp32_after_a_bf16_autocast_step(tiny_ddconfig, tiny_lossco
 def test_compile_in_place_keeps_state_dict_keys(tiny_ddconfig, tiny_lossconfig):
     model = _model(tiny_ddconfig, tiny_lossconfig, {"compile": True, "channels_last": ["lpips"]})
     keys = list(model.state_dict())
-    applied = apply_runtime_optimizations(model, model.optimizations, torch.device("cpu"))
+    applied = model.apply_optimizations(torch.device("cpu")).descriptions
     assert "compile:encoder" in applied and "channels_last:lpips" in applied
     assert list(model.state_dict()) == keys
     assert model.loss.perceptual_loss.net.slice1[0].weight.is_contiguous(memory_format=torch.channels_last)
@@ -238,54 +198,6 @@ def test_compiled_encoder_decoder_match_eager(tiny_ddconfig):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * scale)
 
 
-# ---------------------------------------------------------------- benchmarks (smoke: shape of the output only)
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _json_lines(text: str) -> list[dict]:
-    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
-
-
-def test_train_step_benchmark_cpu_smoke(capsys):
-    _load_script("train_step").main(
-        ["--device", "cpu", "--model", "tiny", "--batch", "1", "--resolution", "32", "--steps", "2",
-         "--warmup", "1", "--cases", "pre,post-alternate"]
-    )  # fmt: skip
-    records = _json_lines(capsys.readouterr().out)
-    impls = {(r["impl"], r["case"]) for r in records}
-    assert {("klvae", "pre"), ("klvae", "post-alternate"), ("diffusers-eager", "pre")} <= impls
-    for r in records:
-        assert r["img_per_s"] > 0 and r["flops_per_iter"] > 0 and r["peak_mem_gib"] > 0
-        assert r["mfu"] is None  # no --peak-tflops on CPU
-        # The same flags for every case; the warm-up (compile) apart from the steady state.
-        assert r["backend_flags"] == {"cudnn_benchmark": False, "tf32": False}
-        assert r["warmup_s"] > 0 and r["compile_s"] >= 0 and r["warmup_peak_mem_gib"] > 0
-    # The same loss on the same network shape: diffusers and klvae count the same FLOPs (to 1 %).
-    pre = {r["impl"]: r["flops_per_iter"] for r in records if r["case"] == "pre"}
-    assert abs(pre["klvae"] / pre["diffusers-eager"] - 1) < 0.01
-
-
-def test_codec_benchmark_cpu_smoke(capsys):
-    _load_script("codec").main(
-        ["--device", "cpu", "--model", "tiny", "--batch", "1", "--resolution", "32", "--steps", "1",
-         "--warmup", "0", "--big-resolution", "64", "--tile-size", "32", "--tile-overlap", "8",
-         "--peak-tflops", "1.0"]
-    )  # fmt: skip
-    records = _json_lines(capsys.readouterr().out)
-    ops = {(r["impl"], r["op"]) for r in records}
-    assert {
-        ("klvae", "encode"),
-        ("klvae", "decode"),
-        ("diffusers-eager", "encode"),
-        ("klvae", "decode-64"),
-    } <= ops
-    assert all(r["mfu"] > 0 for r in records if "mfu" in r)
-
-
 # ---------------------------------------------------------------- compile backends and graph counting
 def test_compile_backend_option_is_validated():
     assert parse_optimizations({"compile_backend": "aot_eager"}).compile_backend == "aot_eager"
@@ -297,13 +209,12 @@ def test_compile_backend_option_is_validated():
 
 def test_lpips_trunk_region_is_really_compiled_and_counted(tiny_ddconfig, tiny_lossconfig):
     from klvae.modules.distributions import DiagonalGaussianDistribution
-    from klvae.perf.apply import graph_counts
 
     torch._dynamo.reset()
     model = _model(tiny_ddconfig, tiny_lossconfig, {"compile": True, "compile_backend": "aot_eager",
                                                     "compile_regions": ["lpips"]})  # fmt: skip
-    apply_runtime_optimizations(model, model.optimizations, torch.device("cpu"))
-    assert graph_counts(model) == {"lpips": 0}
+    model.apply_optimizations(torch.device("cpu"))
+    assert model.graph_counts() == {"lpips": 0}
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     x_hat = x.clone().requires_grad_(True)
     posterior = DiagonalGaussianDistribution(torch.randn(2, 8, 4, 4))
@@ -311,26 +222,50 @@ def test_lpips_trunk_region_is_really_compiled_and_counted(tiny_ddconfig, tiny_l
         loss, _ = model.loss.generator_loss(x, x_hat, posterior, 0)
         loss.backward()
     # The input's branch (no gradient needed) and the reconstruction's: two graphs, no recompiles after.
-    assert graph_counts(model) == {"lpips": 2}
+    assert model.graph_counts() == {"lpips": 2}
     torch._dynamo.reset()
 
 
-def test_backend_flags_are_set_for_every_case():
-    from klvae.perf.bench import BackendFlags, set_backend_flags
+def test_compile_dynamic_compiles_a_bounded_number_of_graphs_for_many_bucket_shapes(caplog):
+    """With compile_dynamic a region compiles a few graphs whatever the number of bucket shapes and batch
+    sizes; torch's default recompiles as sizes change and reaches dynamo's recompile limit (8), after
+    which the region runs eager (tests/models/test_compiled_training.py runs the whole step)."""
+    import logging
 
-    before = (
-        torch.backends.cudnn.benchmark,
-        torch.backends.cuda.matmul.allow_tf32,
-        torch.backends.cudnn.allow_tf32,
-    )
+    from klvae.data.buckets import make_buckets
+    from klvae.modules.model import Encoder
+    from klvae.perf.apply import apply_runtime_optimizations
+    from tests.conftest import tiny_ddconfig_dict
+
+    caplog.set_level(logging.INFO, logger="klvae.perf.apply")
+    torch._dynamo.reset()
+    encoder = Encoder(**tiny_ddconfig_dict(levels=2))
+    opts = parse_optimizations({"compile": True, "compile_backend": "aot_eager", "compile_dynamic": True})
+    applied = apply_runtime_optimizations({"encoder": encoder}, opts, torch.device("cpu"))
+    shapes = [(2, *hw) for hw in make_buckets(32, 8)] + [(3, *hw) for hw in make_buckets(48, 8)]
     try:
-        set_backend_flags(BackendFlags(cudnn_benchmark=True, tf32=True))
-        assert torch.backends.cudnn.benchmark and torch.backends.cuda.matmul.allow_tf32
-        set_backend_flags(BackendFlags(cudnn_benchmark=False, tf32=False))
-        assert not torch.backends.cudnn.benchmark and not torch.backends.cudnn.allow_tf32
+        for batch, height, width in shapes:  # 8 shapes, as a run with two phases of buckets sees them
+            x = torch.randn(batch, 3, height, width)
+            encoder(x).sum().backward()  # the autoencoder update
+            with torch.no_grad():
+                encoder(x)  # the alternate schedule's reconstruction for the discriminator update
     finally:
-        (
-            torch.backends.cudnn.benchmark,
-            torch.backends.cuda.matmul.allow_tf32,
-            torch.backends.cudnn.allow_tf32,
-        ) = before
+        torch._dynamo.reset()
+    graphs = applied.graph_counts()["encoder"]
+    assert 2 <= graphs <= 4 < len(shapes), graphs
+    assert not [r for r in caplog.records if "recompile_limit" in r.getMessage()]
+
+
+def test_a_region_reaching_the_recompile_limit_is_a_loud_warning(caplog):
+    import logging
+
+    from klvae.perf.apply import RegionBackend
+
+    backend = RegionBackend("decoder", "aot_eager", None)
+    backend._compile = lambda gm, inputs: gm  # count only
+    with caplog.at_level(logging.WARNING, logger="klvae.perf.apply"):
+        for _ in range(torch._dynamo.config.recompile_limit):
+            backend(None, [])
+    (record,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "region decoder has compiled 8 graphs" in record.getMessage()
+    assert "compile_dynamic: true" in record.getMessage()

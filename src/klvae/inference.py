@@ -6,6 +6,10 @@ Example::
     z = vae.encode(images, scale=True)                              # (B, 4, H/8, W/8), diffusion-ready
     x = vae.decode(z, scale=True, tile_size=512)                    # tiled: 1024² and beyond on one GPU
 
+A FLUX.2-shaped VAE (``AutoencoderKLFlux2``) has no scale/shift factors: ``scale=True`` gives the latents FLUX.2's
+transformer sees, 2×2 patches normalised by the VAE's BatchNorm statistics, ``(B, 128, H/16, W/16)``, and
+``decode(z, scale=True)`` takes them back (:class:`klvae.modules.latent_norm.LatentBatchNorm`).
+
 Tiling runs the network on overlapping tiles and blends them with linear ramps over the overlap, so
 memory depends on the tile, not the image. Far from seams the result is close to the untiled one; it is
 not identical, because the mid-block self-attention and GroupNorm statistics see a tile, not the image.
@@ -126,13 +130,22 @@ class InferenceVAE(nn.Module):
 
     Args:
         model: the network (see :func:`klvae.interop.formats.load_vae`).
-        scaling_factor: latent scale (1/std); needed only for ``scale=True``.
+        scaling_factor: latent scale (1/std); needed only for ``scale=True``. None for a network with a
+            latent BatchNorm (FLUX.2), which normalises with its statistics instead.
         shift_factor: latent shift (mean); 0 when None.
+
+    Raises:
+        ValueError: factors given for a network with a latent BatchNorm.
     """
 
     def __init__(
         self, model: KLAutoencoder, scaling_factor: float | None = None, shift_factor: float | None = None
     ) -> None:
+        if model.bn is not None and (scaling_factor is not None or shift_factor is not None):
+            raise ValueError(
+                "this VAE normalises latents with its BatchNorm (FLUX.2): scale=True uses its running statistics, "
+                f"so scaling_factor={scaling_factor}/shift_factor={shift_factor} do not apply; pass neither"
+            )
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.scaling_factor, self.shift_factor = scaling_factor, shift_factor
@@ -166,7 +179,7 @@ class InferenceVAE(nn.Module):
     def _param(self) -> torch.Tensor:
         return next(self.model.parameters())
 
-    def _check_scale(self) -> float:
+    def _check_scale(self) -> float:  # the factors' scale; a latent BatchNorm needs none
         if self.scaling_factor is None:
             raise ValueError(
                 "scale=True needs a scaling_factor: pass scaling_factor= to from_pretrained (klvae-latent-stats "
@@ -176,6 +189,23 @@ class InferenceVAE(nn.Module):
 
     def _moments(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.encode(x.to(self._param)).parameters  # (b, 2·embed_dim, h/f, w/f)
+
+    @torch.inference_mode()
+    def posterior(
+        self, x: torch.Tensor, tile_size: int | None = None, tile_overlap: int = 64
+    ) -> DiagonalGaussianDistribution:
+        """Images (B, 3, H, W) in [-1, 1] → the posterior over raw latents (B, embed_dim, H/f, W/f), float32.
+
+        ``tile_size``/``tile_overlap`` as in :meth:`encode`.
+        """
+        f = self.downsampling
+        if tile_size is None:
+            return DiagonalGaussianDistribution(self._moments(x).float())
+        if tile_size % f or tile_overlap % f:
+            raise ValueError(
+                f"tile_size={tile_size} and tile_overlap={tile_overlap} must be multiples of f={f}"
+            )
+        return DiagonalGaussianDistribution(tiled_apply(self._moments, x, tile_size, tile_overlap, 1.0 / f))
 
     @torch.inference_mode()
     def encode(
@@ -192,22 +222,17 @@ class InferenceVAE(nn.Module):
         Args:
             sample: draw from the posterior (LDM's convention for training a diffusion model) instead of
                 returning its mean.
-            scale: return ``(z - shift_factor) · scaling_factor``, the diffusion model's latent space.
+            scale: return the diffusion model's latents: ``(z - shift_factor) · scaling_factor``; with a latent
+                BatchNorm (FLUX.2) the normalised 2×2 patches instead, (B, 4·embed_dim, H/2f, W/2f), as
+                diffusers' ``Flux2Pipeline`` prepares them (posterior mean: ``sample=False``, its "argmax").
             tile_size: encode in tiles of this many image pixels (None: whole image).
             tile_overlap: overlap between tiles in image pixels.
             generator: RNG for ``sample``.
         """
-        f = self.downsampling
-        if tile_size is None:
-            moments = self._moments(x).float()
-        else:
-            if tile_size % f or tile_overlap % f:
-                raise ValueError(
-                    f"tile_size={tile_size} and tile_overlap={tile_overlap} must be multiples of f={f}"
-                )
-            moments = tiled_apply(self._moments, x, tile_size, tile_overlap, 1.0 / self.downsampling)
-        posterior = DiagonalGaussianDistribution(moments)
+        posterior = self.posterior(x, tile_size, tile_overlap)
         z = posterior.sample(generator) if sample else posterior.mode()
+        if scale and self.model.bn is not None:
+            return self.model.bn.normalize(z)
         if scale:
             z = (z - (self.shift_factor or 0.0)) * self._check_scale()
         return z
@@ -222,11 +247,15 @@ class InferenceVAE(nn.Module):
         """Latents (B, embed_dim, h, w) → images (B, 3, h·f, w·f), float32, roughly in [-1, 1] (not clamped).
 
         Args:
-            scale: ``z`` is in the diffusion model's space; undo ``(z - shift) · scale`` first.
+            scale: ``z`` is in the diffusion model's space; undo ``(z - shift) · scale`` first (with a latent
+                BatchNorm: ``z`` is FLUX.2's normalised patches (B, 4·embed_dim, h/2, w/2), denormalised and
+                unpatchified first).
             tile_size: decode tiles of this many *image* pixels (e.g. 512), None: whole image.
             tile_overlap: overlap between tiles in image pixels (a multiple of f).
         """
-        if scale:
+        if scale and self.model.bn is not None:
+            z = self.model.bn.denormalize(z.float())
+        elif scale:
             z = z / self._check_scale() + (self.shift_factor or 0.0)
         if tile_size is None:
             return self._decode(z).float()

@@ -19,7 +19,6 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from klvae.errors import ConfigError
 
 __all__ = [
-    "MOVED_MODULES",
     "get_obj_from_str",
     "instantiate_from_config",
     "load_config",
@@ -46,31 +45,6 @@ def to_container(config: Any) -> Any:
     return config
 
 
-# Modules of klvae 0.1's flat layout and where they live now, so an old ``target`` gets a precise error.
-MOVED_MODULES = {
-    "klvae.cli": "klvae.training.cli",
-    "klvae.training": "klvae.training.launch",
-    "klvae.trainer_setup": "klvae.training.trainer",
-    "klvae.run_dir": "klvae.training.run_dir",
-    "klvae.loggers": "klvae.training.loggers",
-    "klvae.summary": "klvae.training.summary",
-    "klvae.ddp": "klvae.training.ddp",
-    "klvae.ema": "klvae.models.ema",
-    "klvae.lr_schedule": "klvae.models.lr_schedule",
-    "klvae.state_dict": "klvae.interop.files",
-    "klvae.convert": "klvae.interop.keys",
-    "klvae.loading": "klvae.interop.formats",
-    "klvae.export": "klvae.interop.export",
-    "klvae.metrics": "klvae.evaluation.metrics",
-    "klvae.evaluate": "klvae.evaluation.evaluate",
-    "klvae.eval_data": "klvae.evaluation.data",
-    "klvae.latent_stats": "klvae.evaluation.latent_stats",
-    "klvae.latent_metrics": "klvae.evaluation.latent_metrics",
-    "klvae.paths": "klvae.pretrained.paths",
-    "klvae.weights": "klvae.pretrained.fetch",
-}
-
-
 def get_obj_from_str(path: str) -> Any:
     """Import ``"package.module.Name"`` and return ``Name``, with an error that says what failed."""
     if not isinstance(path, str) or "." not in path:
@@ -78,10 +52,6 @@ def get_obj_from_str(path: str) -> Any:
             f"target must be a dotted import path like 'klvae.models.AutoencoderKL', got {path!r}"
         )
     module_name, _, attr = path.rpartition(".")
-    if module_name in MOVED_MODULES:
-        new = f"{MOVED_MODULES[module_name]}.{attr}"
-        if module_name != "klvae.training" or not hasattr(importlib.import_module("klvae.training"), attr):
-            raise ConfigError(f"target {path!r}: module {module_name} moved; write target: {new}")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:

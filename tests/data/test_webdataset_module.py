@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from klvae.data import WebDataModule
+from klvae.data.buckets import make_buckets
 from klvae.data.sharding import assign_shards
 from klvae.data.streams import worker_rng
-from tests.data.conftest import img2dataset_sample, make_shards, write_shard
+from tests.data.conftest import encode, img2dataset_sample, make_shards, random_image, write_shard
 
 
 def _module(train: str | None, val: str | None = None, **overrides) -> WebDataModule:
@@ -153,3 +154,52 @@ def test_misspelled_pattern_fails_at_setup_naming_the_pattern(eight_shards: str)
 def test_bad_train_blocks_are_rejected_with_the_key(train: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         WebDataModule(train=train)
+
+
+def _many_shapes_shards(root: Path, n_shards: int = 4, per_shard: int = 12) -> str:
+    """JPEGs of six aspect ratios (1:1 to 2.2:1, both orientations): three buckets at 32² (step 8)."""
+    shapes = [(40, 40), (30, 60), (60, 30), (36, 48), (48, 36), (32, 70)]
+    root.mkdir(parents=True, exist_ok=True)
+    for s in range(n_shards):
+        samples = [
+            {"__key__": f"m{s}x{i:02d}", "jpg": encode(random_image(100 * s + i, *shapes[(s + i) % 6]))}
+            for i in range(per_shard)
+        ]
+        write_shard(root / f"m-{s:06d}.tar", samples)
+    return str(root / f"m-{{000000..{n_shards - 1:06d}}}.tar")
+
+
+def test_bucketed_shards_give_equal_counts_of_full_one_bucket_batches_per_rank(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pattern = _many_shapes_shards(tmp_path)
+    buckets, counts, keys = set(make_buckets(32, 8)), {}, {}
+    for rank in range(2):
+        _as_rank(monkeypatch, rank, 2)
+        module = WebDataModule(
+            train={"shards": pattern, "epoch_length": 24}, size=32, batch_size=3, num_workers=2,
+            shuffle_buffer=6, buckets={"step": 8}, random_flip=True,
+        )  # fmt: skip
+        batches = _run(module.train_dataloader())
+        counts[rank] = len(batches)
+        keys[rank] = {k for b in batches for k in b["__key__"]}
+        for batch in batches:
+            n, _, h, w = batch["image"].shape
+            assert n == 3 and (h, w) in buckets
+    assert counts == {0: 4, 1: 4} and not keys[0] & keys[1]
+
+
+def test_bucketed_validation_reads_each_sample_once_in_a_fixed_order(
+    tmp_path: Path, single_rank: None
+) -> None:
+    pattern = _many_shapes_shards(tmp_path, n_shards=2, per_shard=7)
+    module = WebDataModule(
+        validation={"shards": pattern}, size=32, batch_size=3, num_workers=2, buckets={"step": 8}
+    )
+    first, second = _run(module.val_dataloader()), _run(module.val_dataloader())
+    assert sorted(k for b in first for k in b["__key__"]) == sorted(
+        f"m{s}x{i:02d}" for s in range(2) for i in range(7)
+    )
+    assert [b["__key__"] for b in first] == [b["__key__"] for b in second]
+    assert all(a["image"].equal(b["image"]) for a, b in zip(first, second, strict=True))
+    assert len({tuple(b["image"].shape[2:]) for b in first}) == 3  # native aspect ratios: three buckets

@@ -84,6 +84,32 @@ def test_cli_on_an_image_folder(tmp_path) -> None:
     assert direct["std"] > result["std"]  # samples add the posterior variance
 
 
+def test_batch_norm_statistics_only_for_a_vae_with_a_latent_batch_norm(tmp_path) -> None:
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    plain = compute_latent_stats(InferenceVAE(KLAutoencoder.from_ddconfig(TINY_F2, 4)), [x], sample=True)
+    assert "batch_norm" not in plain
+    model = KLAutoencoder.from_ddconfig({**TINY_F2, "latent_batch_norm": {}}, 4)
+    result = compute_latent_stats(InferenceVAE(model), [x[:2], x[2:]], sample=True)
+    from klvae.modules.latent_norm import patchify
+
+    # posterior means whatever `sample` is (float32 encodes of other batch sizes differ by ~1e-7)
+    patches = patchify(InferenceVAE(model).encode(x), (2, 2)).double()
+    per_channel = patches.transpose(0, 1).reshape(16, -1)
+    norm = result["batch_norm"]
+    assert norm["num_values_per_channel"] == 3 * 8 * 8 and norm["patch_size"] == [2, 2]
+    np.testing.assert_allclose(norm["running_mean"], per_channel.mean(1).numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(norm["running_var"], per_channel.var(1).numpy(), rtol=1e-5)  # unbiased
+    # The CLI refuses a crop the 2x2 patches cannot tile (f = 2: a multiple of 4).
+    from klvae.interop.formats import VAEWeights, write_vae
+
+    write_vae(VAEWeights(model.state_dict(), model.network, "x"), tmp_path / "vae.safetensors")
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(np.zeros((40, 48, 3), dtype=np.uint8)).save(tmp_path / "imgs" / "0.png")
+    assert (
+        main([str(tmp_path / "vae.safetensors"), "--data", str(tmp_path / "imgs"), "--resolution", "30"]) == 2
+    )
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [

@@ -22,8 +22,8 @@ from klvae.evaluation.metrics import (
     ssim,
     to_unit,
 )
+from klvae.io.cache import inception_path, lpips_full_path
 from klvae.modules.perceptual import load_lpips
-from klvae.pretrained.paths import inception_path, lpips_full_path
 
 
 def test_psnr_identical_is_inf_and_known_noise_level() -> None:

@@ -131,17 +131,32 @@ def test_klvae_run_prefers_ema_weights(tmp_path) -> None:
     assert weights.source_format == "klvae-run" and weights.network.norm_num_groups == 4
 
 
-@pytest.mark.parametrize("name", [n for n, f in FORMATS.items() if f.writable])
-@pytest.mark.parametrize("quant_convs", [True, False])
-def test_every_writable_format_reads_back_exactly(tmp_path, name: str, quant_convs: bool) -> None:
-    ddconfig = TINY if quant_convs else {**TINY, "z_channels": 4}
+OUT_NAME = {"diffusers": "vae", "ldm-safetensors": "vae.safetensors", "ldm-ckpt": "vae.ckpt",
+            "flux2-ae": "ae.safetensors"}  # fmt: skip
+# (quant convs, FLUX.2's latent BatchNorm): kl-f8, SD3/FLUX.1, FLUX.2. flux2-ae holds only FLUX.2's shape.
+SHAPES = {"kl-f8": (True, False), "no-quant-convs": (False, False), "flux2": (True, True)}
+
+
+@pytest.mark.parametrize(
+    ("name", "shape"),
+    [(n, s) for n, f in FORMATS.items() if f.writable for s in SHAPES if n != "flux2-ae" or s == "flux2"],
+)
+def test_every_writable_format_reads_back_exactly(tmp_path, name: str, shape: str) -> None:
+    quant_convs, batch_norm = SHAPES[shape]
+    ddconfig = {**TINY, "z_channels": 4, "latent_batch_norm": {} if batch_norm else None}
     model = randomized(KLAutoencoder.from_ddconfig(ddconfig, 4, quant_convs, quant_convs))
+    if batch_norm:  # statistics that are not the defaults, so that a lost one shows
+        model.bn.running_mean.normal_()
+        model.bn.running_var.uniform_(0.5, 2.0)
     weights = VAEWeights(model.state_dict(), model.network, "ldm-ckpt")
-    out = tmp_path / {"diffusers": "vae", "ldm-safetensors": "vae.safetensors", "ldm-ckpt": "vae.ckpt"}[name]
-    assert write_vae(weights, out, scaling_factor=0.25, shift_factor=0.125) == out  # format from the name
+    out = tmp_path / OUT_NAME[name]
+    factors = (None, None) if batch_norm else (0.25, 0.125)  # a latent BatchNorm normalises instead
+    assert (
+        write_vae(weights, out, name if name == "flux2-ae" else None, *factors) == out
+    )  # else from the name
     back = read_vae_weights(out)  # no ddconfig: the file records its network (norm_num_groups 4)
     assert back.source_format == name and back.network == model.network
-    assert (back.scaling_factor, back.shift_factor) == (0.25, 0.125)
+    assert (back.scaling_factor, back.shift_factor) == factors
     assert set(back.state_dict) == set(weights.state_dict)
     assert all(torch.equal(back.state_dict[k], v) for k, v in weights.state_dict.items())
     assert not list(tmp_path.rglob(".*.tmp"))  # atomic writes leave no temp files
@@ -184,7 +199,12 @@ def test_unknown_files_and_contradicting_records_are_refused(tmp_path) -> None:
 def test_warm_start_ckpt_path_accepts_every_format(tmp_path, name: str) -> None:
     from klvae.models.autoencoder import AutoencoderKL
 
-    source = randomized(AutoencoderKL(TINY, TINY_LOSSCONFIG, embed_dim=4))
+    flux2 = name == "flux2-ae"  # FLUX.2's own layout holds only its shape: quant convs and latent BatchNorm
+    source = randomized(
+        AutoencoderKL({**TINY, "latent_batch_norm": {} if flux2 else None}, TINY_LOSSCONFIG, 4)
+    )
+    if flux2:
+        source.bn.running_mean.normal_()
     if name == "klvae-run":
         path = tmp_path / "last.ckpt"
         torch.save(
@@ -193,14 +213,13 @@ def test_warm_start_ckpt_path_accepts_every_format(tmp_path, name: str) -> None:
     else:
         weights = VAEWeights(KLAutoencoder(source.network).state_dict(), source.network, "ldm-ckpt")
         weights.state_dict.update({k: v for k, v in source.state_dict().items() if k in weights.state_dict})
-        path = write_vae(weights, tmp_path / {"diffusers": "vae", "ldm-safetensors": "v.safetensors",
-                                              "ldm-ckpt": "v.ckpt"}[name], name, scaling_factor=0.5)  # fmt: skip
+        path = write_vae(weights, tmp_path / OUT_NAME[name], name, scaling_factor=None if flux2 else 0.5)
     # ddconfig null: the network comes from the file, whatever its format.
     model = AutoencoderKL(None, TINY_LOSSCONFIG, embed_dim=4, ckpt_path=str(path))
     assert model.network == source.network
     ours, theirs = model.state_dict(), source.state_dict()
     for key in (
-        k for k in theirs if k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv."))
+        k for k in theirs if k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "bn."))
     ):
         assert torch.equal(ours[key], theirs[key]), key
     if name == "klvae-run":  # a run checkpoint also carries the discriminator on

@@ -6,7 +6,8 @@ The slow tests need checkouts of the reference repositories (nothing is download
         .venv/bin/python -m pytest -q -m slow tests/interop/test_reference_code.py
 
 ``KLVAE_LDM_REPO`` is a CompVis/latent-diffusion checkout (cases ``ldm-kl-f8``, ``ldm-c16``, ``ldm-c16-noquant``),
-``KLVAE_FLUX_REPO`` a black-forest-labs/flux checkout (case ``flux``); each case is skipped, with the
+``KLVAE_FLUX_REPO`` a black-forest-labs/flux checkout (case ``flux``), ``KLVAE_FLUX2_REPO`` a
+black-forest-labs/flux2 checkout (case ``flux2``, needs ``einops``); each case is skipped, with the
 variable named, when its checkout is not given. They run the script's narrow network (``--small``: the
 same code paths as full size, a few seconds per case); the full-size check is the script's default.
 """
@@ -29,9 +30,10 @@ CASE_REPOS = {
     "ldm-c16": ("KLVAE_LDM_REPO", "--ldm-repo", "CompVis/latent-diffusion"),
     "ldm-c16-noquant": ("KLVAE_LDM_REPO", "--ldm-repo", "CompVis/latent-diffusion"),
     "flux": ("KLVAE_FLUX_REPO", "--flux-repo", "black-forest-labs/flux"),
+    "flux2": ("KLVAE_FLUX2_REPO", "--flux2-repo", "black-forest-labs/flux2"),
 }
 # Outputs each case compares (encode: posterior mean and logvar; decode), per file the reference loads.
-MIN_COMPARISONS = {"ldm-kl-f8": 6, "ldm-c16": 6, "ldm-c16-noquant": 3, "flux": 7}
+MIN_COMPARISONS = {"ldm-kl-f8": 6, "ldm-c16": 6, "ldm-c16-noquant": 3, "flux": 7, "flux2": 6}
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:

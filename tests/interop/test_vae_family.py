@@ -221,19 +221,6 @@ def test_latent_stats_give_both_factors_and_export_writes_them(tmp_path) -> None
     assert "shift_factor" not in json.loads((tmp_path / "sdxl_style" / "config.json").read_text())
 
 
-def test_analytic_flops_of_the_16_channel_network_without_quant_convs() -> None:
-    from klvae.perf.flops import analytic_codec_flops, count_module_flops
-
-    ddconfig = {"z_channels": 16}
-    with torch.device("meta"):
-        vae = KLAutoencoder.from_ddconfig(ddconfig, 16, use_quant_conv=False, use_post_quant_conv=False)
-        enc = count_module_flops(lambda x: vae.encode(x).parameters, torch.empty(1, 3, 256, 256))
-        dec = count_module_flops(vae.decode, torch.empty(1, 16, 32, 32))
-    assert vae.network.ddconfig() == {**KL_F8_DDCONFIG, "z_channels": 16}
-    analytic = analytic_codec_flops(vae.network, 256, 256)
-    assert (enc, dec) == (analytic["encoder"], analytic["decoder"])
-
-
 def test_network_config_is_built_from_the_yaml_keys_and_written_back() -> None:
     ddconfig = {**KL_F8_DDCONFIG, "norm_num_groups": 32}
     network = NetworkConfig.from_params(ddconfig, 4)
@@ -298,3 +285,61 @@ def test_the_lightning_module_is_the_network_class(tiny_ddconfig, tiny_lossconfi
     assert AutoencoderKL.encode is KLAutoencoder.encode and AutoencoderKL.decode is KLAutoencoder.decode
     plain = KLAutoencoder.from_ddconfig(tiny_ddconfig, 4)
     assert set(plain.state_dict()) == {k for k in model.state_dict() if not k.startswith(("loss.", "ema."))}
+
+
+# VA-VAE's f16d32 network (hustvl/LightningDiT, tokenizer/configs/vavae_f16d32.yaml): LDM's AutoencoderKL with
+# ch_mult [1, 1, 2, 2, 4], z_channels = embed_dim = 32, quant convs, attention at resolution 16 (the last level).
+VAVAE_F16D32 = {"z_channels": 32, "ch_mult": [1, 1, 2, 2, 4], "attn_resolutions": [16], "dropout": 0.0}
+
+
+def test_full_size_va_vae_network_is_read_from_its_tensors() -> None:
+    with torch.device("meta"):
+        vavae = KLAutoencoder.from_ddconfig(VAVAE_F16D32, 32)
+    from klvae.interop.configs import network_from_state_dict
+
+    assert network_from_state_dict(vavae.state_dict()) == vavae.network
+    assert vavae.network.downsampling == 16
+    # LDM puts an AttnBlock after every ResnetBlock of the 16x16 level: 2 in the encoder, 3 in the decoder.
+    attention = {k.rsplit(".", 2)[0] for k in vavae.state_dict() if ".attn." in k}
+    assert attention == {"encoder.down.4.attn.0", "encoder.down.4.attn.1", "decoder.up.4.attn.0",
+                         "decoder.up.4.attn.1", "decoder.up.4.attn.2"}  # fmt: skip
+
+
+def test_va_vae_training_checkpoint_loads_with_its_extra_keys_tolerated(tmp_path, tiny_lossconfig) -> None:
+    # VA-VAE's training module (LightningDiT vavae/ldm/models/autoencoder.py) also holds the frozen DINOv2
+    # (foundation_model.model.*), the VF projection (linear_proj.weight, 32 -> 1024 1x1 with reverse_proj) and
+    # LDM's loss (loss.*); its tokenizer loads the .pt non-strictly. klvae reads the network strictly, keeps
+    # loss.* for a warm start, and leaves the rest. Shrunk to ch 32 (GroupNorm(32) divides every width).
+    ddconfig = {**VAVAE_F16D32, "ch": 32, "num_res_blocks": 1}
+    source = AutoencoderKL(ddconfig, tiny_lossconfig, embed_dim=32)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.copy_(torch.randn_like(p) * 0.1)
+    state = {
+        **source.state_dict(),
+        "foundation_model.model.patch_embed.proj.weight": torch.randn(16, 3, 14, 14),
+        "foundation_model.model.cls_token": torch.randn(1, 1, 16),
+        "linear_proj.weight": torch.randn(1024, 32, 1, 1),
+    }
+    path = tmp_path / "vavae-imagenet256-f16d32-dinov2.pt"
+    torch.save({"state_dict": state, "epoch": 49, "global_step": 100000}, path)
+
+    vae = InferenceVAE.from_pretrained(path)
+    network = vae.model.network
+    assert (network.ch_mult, network.attn_resolutions, network.z_channels, network.embed_dim) == (
+        (1, 1, 2, 2, 4), (16,), 32, 32,
+    )  # fmt: skip
+    assert network.use_quant_conv and network.use_post_quant_conv
+    x = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    source.eval()
+    with torch.no_grad():
+        mean = source.encode(x).mean  # (1, 32, 4, 6)
+        torch.testing.assert_close(vae.encode(x), mean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(vae.decode(mean), source.decode(mean), rtol=1e-5, atol=1e-5)
+
+    model = AutoencoderKL(
+        None, tiny_lossconfig, embed_dim=32, ckpt_path=str(path)
+    )  # network from the tensors
+    assert model.network == source.network
+    assert torch.equal(model.loss.logvar, source.loss.logvar.detach())
+    assert not any(k.startswith(("foundation_model.", "linear_proj.")) for k in model.state_dict())

@@ -266,3 +266,57 @@ def test_ema_warmup_matches_litema_counting_after_increment():
     restored = ModuleEMA({"m": live}, decay=0.9999)
     restored.load_state_dict(ema.state_dict())
     assert restored.decay_for_update(int(restored.num_updates) + 1) == pytest.approx(5 / 14)
+
+
+@pytest.mark.parametrize("schedule", ["alternate", "every_batch"])
+def test_csv_rows_hold_only_what_their_step_computed(tiny_ddconfig, tiny_lossconfig, tmp_path, schedule):
+    """Lightning re-logs a step metric's last value on later steps; after disc_start the alternate schedule
+    would then write a stale copy of the generator or the discriminator losses into every row."""
+    import csv
+
+    from pytorch_lightning.loggers import CSVLogger
+
+    model = make_model(tiny_ddconfig, tiny_lossconfig, disc_start=2, update_schedule=schedule)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=8, limit_val_batches=0,
+                         logger=CSVLogger(tmp_path), log_every_n_steps=1, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(model, loader())
+    (path,) = tmp_path.glob("**/metrics.csv")
+    rows = [row for row in csv.DictReader(path.open()) if row.get("train/iteration")]
+    assert len(rows) == 8
+    for row in rows:
+        it = int(float(row["train/iteration"])) - 1  # logged after the update: the count of updates made
+        generator = it < 2 or schedule == "every_batch" or it % 2 == 0
+        discriminator = it >= 2 and (schedule == "every_batch" or it % 2 == 1)
+        assert bool(row["train/total_loss"]) == generator, row
+        assert bool(row["train/disc_loss"]) == discriminator, row
+    for key in ("train/total_loss", "train/disc_loss", "train/g_loss"):
+        values = [row[key] for row in rows if row[key] and float(row[key]) != 0]  # g_loss is 0 pre-GAN
+        assert len(values) == len(set(values)), (key, values)  # no value carried over into another row
+
+
+def test_an_even_log_cadence_still_writes_the_generator_losses_of_the_alternate_schedule(
+    tiny_ddconfig, tiny_lossconfig, tmp_path
+):
+    """log_every_n_steps=2 writes rows only after odd iterations, the discriminator's in the alternate
+    schedule: each row also carries the generator losses of the update just before, which no row held yet;
+    no value is written twice."""
+    import csv
+
+    from pytorch_lightning.loggers import CSVLogger
+
+    model = make_model(tiny_ddconfig, tiny_lossconfig, disc_start=2, update_schedule="alternate")
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=10, limit_val_batches=0,
+                         logger=CSVLogger(tmp_path), log_every_n_steps=2, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(model, loader())
+    (path,) = tmp_path.glob("**/metrics.csv")
+    rows = [row for row in csv.DictReader(path.open()) if row.get("train/iteration")]
+    assert [int(float(r["train/iteration"])) for r in rows] == [2, 4, 6, 8, 10]
+    gan_rows = rows[1:]  # iterations 3, 5, 7, 9 (0-based) were discriminator updates
+    assert all(
+        r["train/total_loss"] and r["train/disc_loss"] and float(r["train/d_weight"]) > 0 for r in gan_rows
+    )
+    for key in ("train/total_loss", "train/g_loss", "train/disc_loss"):
+        values = [r[key] for r in gan_rows]
+        assert len(values) == len(set(values)), (key, values)

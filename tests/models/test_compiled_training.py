@@ -115,3 +115,59 @@ def test_compiled_step_losses_equal_eager(tiny_ddconfig, tiny_lossconfig, schedu
         assert a.keys() == b.keys()
         for k in a:
             assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (k, a, b)
+
+
+class RecordShapes(pl.Callback):
+    def __init__(self) -> None:
+        self.shapes: set[tuple[int, ...]] = set()
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self.shapes.add(tuple(batch["image"].shape))
+
+
+# compile_dynamic: graphs symbolic in batch size, height and width. Per region the grad and no-grad
+# variants, and each may be compiled once more when its first input is square (dynamo's duck sizing makes
+# that graph assume H == W) or restarted: a budget that does not grow with the number of shapes.
+DYNAMIC_GRAPH_BUDGET = {"encoder": 4, "decoder": 4, "lpips": 4, "discriminator": 4}
+
+
+# ~30 CPU-s per region on the 2-core CI machine (dynamic-shape tracing); the default suite checks one
+# region alone (tests/test_perf.py::test_compile_dynamic_compiles_a_bounded_number_of_graphs_for_many_bucket_shapes).
+@pytest.mark.slow
+def test_buckets_and_phases_compile_a_bounded_number_of_graphs_with_compile_dynamic(
+    tiny_ddconfig, tiny_lossconfig, tmp_path, caplog
+):
+    regions = ("encoder", "decoder", "lpips", "discriminator")
+    from klvae.data import ImageFolderDataModule
+    from tests.data.test_folder_batches import many_shapes
+
+    caplog.set_level(logging.INFO, logger="klvae.perf.apply")
+    many_shapes(tmp_path / "imgs", n=24)
+    # Buckets at 32² with batch 2, then at 48² with batch 3 (from iteration 5): 7 input shapes in the first
+    # 12 iterations, across disc_start (2).
+    data = ImageFolderDataModule(
+        str(tmp_path / "imgs"), size=32, batch_size=2, buckets={"step": 8}, random_flip=True,
+        phases=[{"iterations": 5, "size": 32}, {"size": 48, "batch_size": 3}],
+    )  # fmt: skip
+    torch._dynamo.reset()
+    opts = {
+        "compile": True,
+        "compile_backend": "aot_eager",
+        "compile_dynamic": True,
+        "compile_regions": list(regions),
+    }
+    model = AutoencoderKL(tiny_ddconfig, tiny_lossconfig, embed_dim=4, learning_rate=1e-3, ema_decay=0.9,
+                          optimizations=opts)  # fmt: skip
+    shapes = RecordShapes()
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=12, limit_val_batches=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, callbacks=[shapes])  # fmt: skip
+    try:
+        trainer.fit(model, datamodule=data)
+        counts = model.graph_counts()
+    finally:
+        torch._dynamo.reset()
+    assert len(shapes.shapes) >= 6 and model.iteration == 12, shapes.shapes  # more shapes than graphs
+    assert set(counts) == set(regions), counts
+    assert all(counts[r] <= DYNAMIC_GRAPH_BUDGET[r] for r in counts), (counts, shapes.shapes)
+    assert not [r for r in caplog.records if "recompile_limit" in r.getMessage()]  # never fell back to eager

@@ -9,7 +9,8 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from klvae.models.autoencoder import AutoencoderKL
+from klvae.models.autoencoder import AutoencoderKL, _Forward
+from klvae.modules.adaptive import LastLayer
 from klvae.modules.equivariance import Branch, EquivarianceSchedule
 from tests.models.test_autoencoder import RandomImages
 
@@ -30,14 +31,17 @@ def make_model(ddconfig, lossconfig, channels: int = 4, **params) -> Autoencoder
     )
 
 
-def legacy_reconstruct(self: AutoencoderKL, x: torch.Tensor, branch: Branch):
-    """The reconstruction exactly as the step ran before the EQ-VAE option existed."""
+def legacy_reconstruct(self: AutoencoderKL, x: torch.Tensor, branch: Branch, for_generator: bool):
+    """The reconstruction exactly as the step ran before the EQ-VAE option existed: no branch."""
     assert branch == Branch()
     if self.train_decoder_only:
         with torch.no_grad():
             posterior = self.encode(x)
-        return self.decode(posterior.sample()), posterior
-    return self(x)
+    else:
+        posterior = self.encode(x)
+    z = posterior.sample()
+    recon, last_input = self.decoder(self.post_quant_conv(z), return_last_input=True)
+    return _Forward(recon, posterior, z, LastLayer(self.decoder.conv_out, last_input), None)
 
 
 @pytest.mark.parametrize(("schedule", "decoder_only"), [("every_batch", False), ("alternate", True)])

@@ -9,7 +9,6 @@ import pytorch_lightning as pl
 import torch
 
 from klvae.models.autoencoder import AutoencoderKL
-from klvae.perf.apply import graph_counts
 from tests.models.test_autoencoder import loader
 
 
@@ -43,7 +42,7 @@ def test_bf16_compiled_training_on_cuda_across_disc_start(tiny_ddconfig, tiny_lo
     trainer.fit(model, loader(), loader(8))
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert all(torch.isfinite(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/"))
-    counts = graph_counts(model)
+    counts = model.graph_counts()
     assert set(counts) == {"encoder", "decoder", "lpips", "discriminator"}
     assert all(n <= 2 for n in counts.values()), counts
     torch._dynamo.reset()

@@ -104,7 +104,9 @@ def test_nonfinite_update_is_skipped_counted_and_logged(tiny_ddconfig, tiny_loss
 
 def test_too_many_nonfinite_updates_in_a_row_stop_the_run(tiny_ddconfig, tiny_lossconfig):
     model = make_model(tiny_ddconfig, tiny_lossconfig, disc_start=100, max_nonfinite_in_a_row=3)
-    with pytest.raises(NonFiniteTrainingError, match=r"3 updates in a row.*iteration 3.*learning_rate"):
+    with pytest.raises(
+        NonFiniteTrainingError, match=r"3 autoencoder updates in a row.*iteration 3.*learning_rate"
+    ):
         fit(model, images(6), [PoisonBatches(set(range(6)))])
     assert model.iteration == 3
 
@@ -151,4 +153,4 @@ def test_accumulation_across_disc_start_steps_every_k_batches(tiny_ddconfig, tin
     fit(model, images(4), [moved])
     ae = {"encoder", "quant_conv", "decoder"}
     assert moved.moved == [set(), ae, set(), ae | {"discriminator"}]
-    assert model.iteration == 2 and int(model._nonfinite_skipped) == 0
+    assert model.iteration == 2 and int(model.nonfinite.total_skipped()) == 0

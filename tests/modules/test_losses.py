@@ -8,6 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from klvae.modules.distributions import DiagonalGaussianDistribution
 from klvae.modules.losses import LastLayer, LPIPSWithDiscriminator, hinge_d_loss, vanilla_d_loss
+from klvae.modules.terms import LossTerm, TermInputs
 
 B, C, H, W = 2, 3, 32, 32
 
@@ -262,3 +263,149 @@ def test_loss_scale_for_the_x_hat_gradients_changes_nothing_in_fp32():
         results.append((logs["train/d_weight"], *torch.autograd.grad(loss, [h, conv.weight, loss_fn.logvar])))
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------- named terms, adaptive latent terms
+class _StandIn(torch.nn.Module):
+    """A stand-in network: features a → encoder conv_out → moments → z ~ q → 8× upsample → decoder conv_out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.randn(B, 8, 4, 4))
+        self.enc_out = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.dec_in = torch.nn.Conv2d(4, 6, 1)
+        self.dec_out = torch.nn.Conv2d(6, 3, 3, padding=1)
+
+    def forward(self, cut: bool):
+        from klvae.modules.losses import LatentCut
+
+        h = self.enc_out(self.a)  # (B, 8, 4, 4): the encoder's last conv output
+        posterior = DiagonalGaussianDistribution(h)
+        z = posterior.sample()  # (B, 4, 4, 4)
+        leaf = z.detach().requires_grad_(True) if cut else z
+        features = torch.nn.functional.interpolate(self.dec_in(leaf), scale_factor=8)
+        x_hat = self.dec_out(features)
+        latent_cut = LatentCut(z, leaf, LastLayer(self.enc_out, self.a, h)) if cut else None
+        return x_hat, posterior, z, LastLayer(self.dec_out, features), latent_cut
+
+
+def _vf_term_config(adaptive: bool) -> dict:
+    from tests.conftest import tiny_backbone_config
+
+    params = {"latent_channels": 4, "backbone": tiny_backbone_config(), "weight": 0.1, "adaptive": adaptive,
+              "cos_margin": 0.5, "distmat_margin": 0.25}  # fmt: skip
+    return {"target": "klvae.modules.vf_loss.VFLoss", "params": params}
+
+
+@pytest.mark.parametrize("iteration", [0, 5])  # before disc_start (pure VA-VAE) and with the GAN on
+def test_adaptive_vf_weight_and_gradients_equal_the_autograd_grad_formula(iteration):
+    """VA-VAE's adaptive VF weight, ‖∇_W rec‖ / (‖∇_W vf‖ + 1e-4) · vf_weight at the encoder's last conv,
+    written out with autograd.grad as LightningDiT does; klvae's two-pass backward must give the same
+    weight and gradients. rec is what the decoder sends back: the NLL, plus λ·g once the GAN is on."""
+    torch.manual_seed(0)
+    loss_fn = make_loss(disc_start=3, kl_weight=1e-2, perceptual_weight=0.5, perceptual_backbone="random",
+                        terms={"vf": _vf_term_config(adaptive=True)})  # fmt: skip
+    loss_fn.discriminator.requires_grad_(False)  # as in the autoencoder update
+    net = _StandIn()
+    x = torch.rand(B, C, H, W) * 2 - 1
+    params = [net.a, net.enc_out.weight, net.dec_in.weight, net.dec_out.weight, net.dec_out.bias,
+              *loss_fn.terms["vf"].linear_proj.parameters()]  # fmt: skip
+    vf_term = loss_fn.terms["vf"]
+
+    torch.manual_seed(1)
+    x_hat, posterior, z, last, _ = net(cut=False)
+    nll = ((x_hat - x).abs() + 0.5 * loss_fn.perceptual_loss(x, x_hat)).sum() / B
+    kl = posterior.kl().sum() / B
+    vf = vf_term.losses(z, x)["vf"]
+    rec = nll
+    if iteration >= 3:
+        g = -loss_fn.discriminator(x_hat).mean()
+        g_nll = torch.autograd.grad(nll, net.dec_out.weight, retain_graph=True)[0]
+        g_g = torch.autograd.grad(g, net.dec_out.weight, retain_graph=True)[0]
+        lam = torch.clamp(g_nll.norm() / (g_g.norm() + 1e-4), 0, 1e4).detach()
+        rec = nll + lam * g
+    g_rec = torch.autograd.grad(rec, net.enc_out.weight, retain_graph=True)[0]
+    g_vf = torch.autograd.grad(vf, net.enc_out.weight, retain_graph=True)[0]
+    w = 0.1 * torch.clamp(g_rec.norm() / (g_vf.norm() + 1e-4), 0, 1e8).detach()
+    ref_grads = torch.autograd.grad(rec + 1e-2 * kl + w * vf, params)
+
+    torch.manual_seed(1)
+    x_hat, posterior, z, last, cut = net(cut=True)
+    loss, logs = loss_fn.generator_loss(x, x_hat, posterior, iteration, last, latents=z, encoder_images=x,
+                                        latent_cut=cut)  # fmt: skip
+    loss.backward()
+    torch.testing.assert_close(logs["train/vf_weight"], w, rtol=1e-5, atol=0)
+    torch.testing.assert_close(logs["train/vf_loss"], vf.detach())
+    assert set(logs) >= {"train/vf_cos", "train/vf_distmat", "train/kl_weight", "train/rec_weight"}
+    for p, ref in zip(params, ref_grads, strict=True):
+        torch.testing.assert_close(p.grad, ref, rtol=1e-4, atol=1e-6 * ref.abs().max().item())
+
+
+class LatentMeanTerm(LossTerm):
+    """A term a contributor might add: (mean of the posterior means)², weight from the YAML."""
+
+    def forward(self, inputs: TermInputs) -> torch.Tensor:
+        return inputs.posterior.mean.mean().square()
+
+
+def test_a_new_term_is_one_entry_and_keeps_its_gradient_once_the_gan_starts(batch):
+    """A contributor's term (here: the latents' mean pulled to 0) added in lossconfig.params.terms is in
+    the objective, logged with its weight, and differentiated both before and after disc_start (the
+    assembled-twice objective lost it in the adaptive-weight path)."""
+    x, _, _ = batch
+    loss_fn = make_loss(disc_start=1, terms={"center": {"target": "tests.modules.test_losses.LatentMeanTerm",
+                                                       "params": {"weight": 3.0}}})  # fmt: skip
+    for iteration in (0, 1):
+        net = _StandIn()
+        x_hat, posterior, z, last, _ = net(cut=False)
+        loss, logs = loss_fn.generator_loss(x, x_hat, posterior, iteration, last, latents=z)
+        assert logs["train/center_weight"].item() == 3.0
+        torch.testing.assert_close(logs["train/center_loss"], posterior.mean.mean().square().detach())
+        loss.backward()
+        without = make_loss(disc_start=1)
+        without.discriminator.load_state_dict(loss_fn.discriminator.state_dict())
+        net.zero_grad()
+        torch.manual_seed(3)
+        x_hat, posterior, z, last, _ = net(cut=False)
+        loss, _ = loss_fn.generator_loss(x, x_hat, posterior, iteration, last, latents=z)
+        (with_term,) = torch.autograd.grad(loss, [net.a])
+        torch.manual_seed(3)
+        x_hat, posterior, z, last, _ = net(cut=False)
+        base, _ = without.generator_loss(x, x_hat, posterior, iteration, last, latents=z)
+        (without_term,) = torch.autograd.grad(base, [net.a])
+        torch.manual_seed(3)
+        _, posterior, _, _, _ = net(cut=False)
+        (term_only,) = torch.autograd.grad(3.0 * posterior.mean.mean().square(), [net.a])
+        torch.testing.assert_close(with_term, without_term + term_only, rtol=1e-4, atol=1e-6)
+
+
+def test_decoder_only_training_with_an_encoder_term_is_a_config_error(tiny_ddconfig):
+    from klvae.errors import ConfigError
+    from klvae.models.autoencoder import AutoencoderKL
+
+    lossconfig = {"target": "klvae.modules.losses.LPIPSWithDiscriminator",
+                  "params": {"disc_start": 0, "perceptual_weight": 0.0, "disc_num_layers": 2, "disc_ndf": 8,
+                             "terms": {"vf": _vf_term_config(adaptive=True)}}}  # fmt: skip
+    with pytest.raises(ConfigError, match=r"train_decoder_only.*lossconfig"):
+        AutoencoderKL(tiny_ddconfig, lossconfig, embed_dim=4, train_decoder_only=True)
+
+
+def test_two_pass_backward_follows_the_loss_scale_and_keeps_the_adaptive_weight():
+    """manual_backward multiplies the loss by GradScaler's scale / accumulation: the two passes must pass that
+    factor on to every gradient and leave the adaptive VF weight alone."""
+    torch.manual_seed(0)
+    loss_fn = make_loss(disc_start=0, terms={"vf": _vf_term_config(adaptive=True)})
+    loss_fn.discriminator.requires_grad_(False)
+    x = torch.rand(B, C, H, W) * 2 - 1
+    results = []
+    for factor in (1.0, 1024.0):
+        torch.manual_seed(1)
+        net = _StandIn()
+        x_hat, posterior, z, last, cut = net(cut=True)
+        loss, logs = loss_fn.generator_loss(x, x_hat, posterior, 1, last, latents=z, encoder_images=x,
+                                            latent_cut=cut)  # fmt: skip
+        (loss * factor).backward()
+        results.append((logs["train/vf_weight"].clone(), [p.grad / factor for p in net.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=0)
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)

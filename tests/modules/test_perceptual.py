@@ -9,7 +9,7 @@ import pytest
 import torch
 import torchvision
 
-from klvae.modules.perceptual import load_lpips, torchvision_vgg16_to_lpips
+from klvae.modules.perceptual import load_lpips, lpips_distance, torchvision_vgg16_to_lpips
 
 
 @pytest.fixture
@@ -86,3 +86,29 @@ def test_packaged_heads_and_scaling_constants_survive_fast_construction():
     for key, value in reference.state_dict().items():
         if not key.startswith("net."):
             torch.testing.assert_close(model.state_dict()[key], value, msg=key)
+
+
+# LPIPS assembled from its pieces, with the target outside autograd
+@pytest.fixture(scope="module")
+def lpips_model():
+    return load_lpips("random")
+
+
+def test_lpips_distance_equals_lpips_forward_value_and_gradient(lpips_model):
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 48, 48) * 2 - 1
+    x_hat = (x + 0.2 * torch.randn_like(x)).requires_grad_(True)
+    ref = lpips_model(x, x_hat)
+    (g_ref,) = torch.autograd.grad(ref.sum(), x_hat)
+    out = lpips_distance(lpips_model, x, x_hat)
+    (g_out,) = torch.autograd.grad(out.sum(), x_hat)
+    assert out.shape == ref.shape == (2, 1, 1, 1)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(g_out, g_ref, rtol=1e-4, atol=1e-8)
+
+
+def test_lpips_distance_keeps_no_graph_for_the_target(lpips_model):
+    x = (torch.rand(1, 3, 32, 32) * 2 - 1).requires_grad_(True)
+    x_hat = torch.rand(1, 3, 32, 32).requires_grad_(True)
+    lpips_distance(lpips_model, x, x_hat).sum().backward()
+    assert x.grad is None and x_hat.grad is not None

@@ -8,9 +8,7 @@ _EXPORTS = {
             "AtomicCheckpointIO",
             "IterationCheckpoint",
             "TopKCheckpoint",
-            "atomic_torch_save",
             "iteration_of",
-            "load_checkpoint",
         ),
         "klvae.callbacks.checkpointing",
     ),  # fmt: skip

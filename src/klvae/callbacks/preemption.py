@@ -1,8 +1,10 @@
 """SLURM-friendly preemption: SIGUSR1 / SIGTERM / SIGINT (Ctrl-C) write ``last.ckpt`` and stop cleanly.
 
 SLURM sends SIGUSR1 ahead of the time limit when the job has ``#SBATCH --signal=USR1@90`` and SIGTERM on
-preemption. The handler only sets a flag; the checkpoint is written at the end of the current training
-batch (a consistent state), by every rank together, then training stops. On SIGUSR1 inside a SLURM job
+preemption. The handler only sets a flag; the checkpoint is written at the end of the current update round
+(a consistent state: with ``accumulate_grad_batches`` > 1 the round's remaining batches are trained first,
+since the gradients accumulated so far are not part of a checkpoint), by every rank together, then
+training stops. On SIGUSR1 inside a SLURM job
 the job is requeued (``scontrol requeue``), and the requeued job resumes from the run directory
 (see ``klvae.training.run_dir``). Lightning's own SLURM auto-requeue is switched off by the CLI so that exactly one
 mechanism handles the signal. DataLoader workers ignore these signals (``klvae.data.workers``), so a
@@ -29,7 +31,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from klvae.callbacks.checkpointing import IterationCheckpoint, iteration_of
+from klvae.callbacks.checkpointing import IterationCheckpoint, at_round_boundary, iteration_of
 
 __all__ = ["PreemptionHandler"]
 
@@ -37,7 +39,7 @@ log = logging.getLogger(__name__)
 
 
 class PreemptionHandler(Callback):
-    """Turns SIGUSR1/SIGTERM into "save ``last.ckpt`` after this batch, then stop".
+    """Turns SIGUSR1/SIGTERM into "save ``last.ckpt`` after this update round, then stop".
 
     Args:
         checkpointer: the run's ``IterationCheckpoint`` (its ``save_last`` writes the file).
@@ -83,6 +85,8 @@ class PreemptionHandler(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if not at_round_boundary(pl_module):
+            return  # every rank is inside the same round: finish it, then save (no collective here)
         local = self.received is not None or trainer.received_sigterm
         # All ranks must agree (save_checkpoint has a barrier); SLURM may signal them at different times.
         stop = trainer.strategy.reduce_boolean_decision(local, all=False) if trainer.world_size > 1 else local

@@ -2,7 +2,8 @@
 
 Lightning's bar restarts every epoch, and a webdataset "epoch" is a nominal length: it says nothing about
 how far a 250k-iteration run is. This bar counts ``pl_module.iteration`` up to ``max_iterations``,
-starting where a resumed run stands, so the ETA is measured on this launch's speed only.
+starting where a resumed run stands, so the ETA is measured on this launch's speed only. With resolution
+phases (``data.params.phases``) its label names the phase being trained.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pytorch_lightning.callbacks import ProgressBar
 from tqdm import tqdm
 
 from klvae.callbacks.checkpointing import iteration_of
+from klvae.data.phases import PhaseSchedule
 
 __all__ = ["IterationProgressBar"]
 
@@ -34,6 +36,7 @@ class IterationProgressBar(ProgressBar):
         self._enabled = True
         self._bar: tqdm | None = None
         self._val_bar: tqdm | None = None
+        self._label = "train"
 
     def disable(self) -> None:
         self._enabled = False
@@ -50,9 +53,16 @@ class IterationProgressBar(ProgressBar):
             return
         start = iteration_of(pl_module)
         self._bar = tqdm(
-            total=self.max_iterations, initial=start, desc="train", unit="it", dynamic_ncols=True,
-            file=sys.stderr, smoothing=0.05,
+            total=self.max_iterations, initial=start, desc=self._phase_label(trainer, start), unit="it",
+            dynamic_ncols=True, file=sys.stderr, smoothing=0.05,
         )  # fmt: skip
+
+    def _phase_label(self, trainer: pl.Trainer, iteration: int) -> str:
+        """``train`` or, with resolution phases, ``train phase 2/2: 512², batch 4``."""
+        phases = getattr(trainer.datamodule, "phases", None) if trainer.datamodule is not None else None
+        if isinstance(phases, PhaseSchedule) and phases.configured:
+            self._label = f"train {phases.describe(phases.index_at(iteration))}"
+        return self._label
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -61,6 +71,9 @@ class IterationProgressBar(ProgressBar):
             return
         it = iteration_of(pl_module)
         if it - self._bar.n >= self.refresh_every or it == self.max_iterations:
+            label = self._label
+            if self._phase_label(trainer, it) != label:
+                self._bar.set_description(self._label, refresh=False)
             self._bar.update(it - self._bar.n)
             metrics = self.get_metrics(trainer, pl_module)
             metrics.pop("v_num", None)

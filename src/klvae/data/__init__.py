@@ -6,6 +6,8 @@ _EXPORTS = {
     "DataStatsCallback": "klvae.data.stats",
     "ImageFolderDataModule": "klvae.data.folder",
     "ImageTransform": "klvae.data.transforms",
+    "LatentShardDataModule": "klvae.data.latent_shards",
+    "LatentShardDataset": "klvae.data.latent_shards",
     "WebDataModule": "klvae.data.webdataset_module",
     "write_shards": "klvae.data.make_shards",
 }

@@ -6,6 +6,9 @@ position is checkpointed, so a resumed run sees exactly the batches the uninterr
 training and validation a corrupt or too-small file is counted and replaced by another file (the batch
 stays full); the counts travel in ``batch["_skipped"]`` like the webdataset loader's. Evaluation tools use
 ``substitute=False``: a bad file is then skipped and reported, never replaced.
+
+With ``buckets`` or ``phases`` the module samples whole batches instead (``klvae.data.folder_batches``):
+one bucket shape per batch, the batch size of the batch's phase.
 """
 
 from __future__ import annotations
@@ -19,7 +22,17 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from klvae.data.resume import ResumableLoader, ResumableSampler
+from klvae.data.buckets import BucketConfig, build_transform
+from klvae.data.folder_batches import (
+    FolderBatches,
+    FolderBatchPlan,
+    FolderBatchSampler,
+    bucket_members,
+    read_image_sizes,
+    validation_keys,
+)
+from klvae.data.phases import PhaseSchedule
+from klvae.data.resume import EpochStart, ResumableLoader, ResumableSampler
 from klvae.data.sharding import distributed_info
 from klvae.data.stats import SKIP_KINDS, SKIPPED_KEY, SkipCounter
 from klvae.data.transforms import IMAGE_EXTENSIONS, ImageTooSmallError, ImageTransform, to_model_batch
@@ -122,6 +135,11 @@ class _Collate:
         }
 
 
+def _keep_batch(batch: dict[str, Any]) -> dict[str, Any]:
+    """The collate of the batch-sampling path: the dataset already returns whole batches."""
+    return batch
+
+
 class ImageFolderDataModule(pl.LightningDataModule):
     """Folder(s) of images -> batches ``{image_key: float32 (B, 3, size, size) in [-1, 1], "__key__",
     "_skipped"}``.
@@ -129,7 +147,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
     Args:
         train_dir: Folder of training images (searched recursively).
         val_dir: Folder of validation images; None disables validation.
-        size: Crop side.
+        size: Crop side; with ``buckets`` the target whose area the buckets approximate; with ``phases``
+            the validation resolution.
         resize_to: Shorter side before cropping; None resizes to ``size``.
         min_size: Skip (count, replace) images whose shorter side is below this.
         random_flip: Random horizontal flips in training.
@@ -139,7 +158,10 @@ class ImageFolderDataModule(pl.LightningDataModule):
         num_workers: Loader worker processes.
         seed: Seed mixed into the per-sample crop generator.
         image_key: Batch key of the image tensor.
-        drop_last: Drop the last partial training batch.
+        drop_last: Drop the last partial training batch (always, per bucket, with buckets or phases).
+        buckets: ``{step, max_aspect}`` (:class:`klvae.data.buckets.BucketConfig`): each image in its
+            nearest aspect-ratio bucket, one bucket per batch, in training and validation.
+        phases: ``[{iterations, size, batch_size, resize_to}, ...]`` (:class:`klvae.data.phases.PhaseSchedule`).
     """
 
     def __init__(
@@ -156,6 +178,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
         seed: int = 0,
         image_key: str = "image",
         drop_last: bool = True,
+        buckets: dict | None = None,
+        phases: list | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -163,15 +187,23 @@ class ImageFolderDataModule(pl.LightningDataModule):
         if not isinstance(num_workers, int) or num_workers < 0:
             raise ConfigError(f"ImageFolderDataModule: num_workers must be an int >= 0, got {num_workers!r}")
         self.train_dir, self.val_dir = train_dir, val_dir
-        self.train_transform = ImageTransform(
-            size,
-            resize_to,
-            min_size,
-            random_flip,
-            train=True,
-            random_channel_permutation=random_channel_permutation,
-        )
-        self.val_transform = ImageTransform(size, resize_to, min_size, False, train=False)
+        self.buckets = BucketConfig.from_config(buckets)
+        self.phases = PhaseSchedule.from_config(phases, size, batch_size, resize_to)
+        # Batches are sampled whole when their shape or size can vary (see klvae.data.folder_batches).
+        self.batch_sampling = self.buckets is not None or self.phases.configured
+        if self.batch_sampling and not drop_last:
+            raise ConfigError(
+                "ImageFolderDataModule: drop_last: false cannot be combined with buckets or phases "
+                "(every batch is full and one bucket); remove drop_last"
+            )
+        self.train_transforms = [
+            build_transform(
+                p.size, p.resize_to, self.buckets, min_size, random_flip, True, random_channel_permutation
+            )
+            for p in self.phases
+        ]
+        self.train_transform = self.train_transforms[0]
+        self.val_transform = build_transform(size, resize_to, self.buckets, min_size, False, train=False)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed
@@ -179,9 +211,16 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self.drop_last = drop_last
         self.train_set: ImageFolderDataset | None = None
         self.val_set: ImageFolderDataset | None = None
+        self._train_batches: FolderBatches | None = None
+        self._val_batches: FolderBatches | None = None
+
+    def image_shapes(self) -> set[tuple[int, int]]:
+        """Every (height, width) a training or validation batch can have (all phases, all buckets)."""
+        return {shape for t in [*self.train_transforms, self.val_transform] for shape in t.shapes}
 
     def setup(self, stage: str | None = None) -> None:
-        """List the image files (fails naming the folder if it is missing or empty)."""
+        """List the image files (fails naming the folder if it is missing or empty); with buckets, read
+        every file's size from its header."""
         if self.train_set is None:
             self.train_set = ImageFolderDataset(self.train_dir, self.train_transform, self.seed)
             if self.drop_last and len(self.train_set) < self.batch_size:
@@ -189,17 +228,68 @@ class ImageFolderDataModule(pl.LightningDataModule):
                     f"train_dir {self.train_dir!r} has {len(self.train_set)} images, fewer than batch_size "
                     f"{self.batch_size} with drop_last: lower batch_size or set drop_last: false"
                 )
+            if self.batch_sampling:
+                self._train_batches = self._batches(self.train_set)
+                self._plan(self._train_batches, rank=0, world_size=1)  # fails now if a phase has no batch
         if self.val_dir is not None and self.val_set is None:
             self.val_set = ImageFolderDataset(self.val_dir, self.val_transform, self.seed)
+            if self.batch_sampling:
+                self._val_batches = self._batches(self.val_set)
+
+    def _batches(self, files: ImageFolderDataset) -> FolderBatches:
+        needs_sizes = self.buckets is not None
+        sizes = read_image_sizes(files.files) if needs_sizes else [None] * len(files)
+        return FolderBatches(
+            files.files,
+            files.root,
+            [bucket_members(t, sizes) for t in self.train_transforms],
+            bucket_members(self.val_transform, sizes),
+            self.train_transforms,
+            self.val_transform,
+            self.phases,
+            self.seed,
+            self.image_key,
+        )
+
+    def _plan(self, batches: FolderBatches, rank: int, world_size: int) -> FolderBatchPlan:
+        plan = FolderBatchPlan(batches.members, self.phases, rank, world_size, self.seed)
+        for i, phase in enumerate(self.phases):
+            if plan.batches_per_pass(i) == 0:
+                raise DataError(
+                    f"train_dir {self.train_dir!r}: phase {i} has fewer full batches of {phase.batch_size} "
+                    f"images of one bucket than ranks ({world_size}): lower the batch size or add images"
+                )
+        return plan
+
+    def _batch_loader(self, batches: FolderBatches, train: bool) -> DataLoader:
+        rank, world_size = distributed_info(getattr(self, "trainer", None))
+        if train:
+            plan = self._plan(batches, rank, world_size)
+            sampler = FolderBatchSampler(batches, plan, plan.batches_per_pass(0))
+        else:
+            keys = validation_keys(batches.val_members, self.batch_size, rank, world_size)
+            sampler = FolderBatchSampler(batches, None, len(keys), keys)
+        return ResumableLoader(
+            batches,
+            lambda: getattr(self, "trainer", None),
+            sampler.start_epoch,
+            batch_size=None,  # the dataset returns whole batches
+            sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=_keep_batch,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+            worker_init_fn=ignore_stop_signals,
+        )
 
     def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool) -> DataLoader:
         trainer = getattr(self, "trainer", None)
         rank, world_size = distributed_info(trainer)
         sampler = ResumableSampler(dataset, rank, world_size, shuffle, self.seed, drop_last)
 
-        def on_iter(epoch: int, skip_batches: int) -> None:
-            sampler.set_epoch(epoch)
-            sampler.skip = skip_batches * self.batch_size
+        def on_iter(start: EpochStart) -> None:
+            sampler.set_epoch(start.epoch)
+            sampler.skip = start.skip * self.batch_size
 
         return ResumableLoader(
             dataset,
@@ -218,9 +308,13 @@ class ImageFolderDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Training batches shuffled per epoch, split over ranks; resumable mid-epoch."""
         self.setup("fit")
+        if self._train_batches is not None:
+            return self._batch_loader(self._train_batches, train=True)
         return self._loader(self.train_set, shuffle=True, drop_last=self.drop_last)
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches in file order, or [] without ``val_dir``."""
         self.setup("validate")
+        if self._val_batches is not None:
+            return self._batch_loader(self._val_batches, train=False)
         return [] if self.val_set is None else self._loader(self.val_set, shuffle=False, drop_last=False)

@@ -7,6 +7,11 @@ which has already prefetched batches the model never saw. On resume the next ite
 skips exactly those batches; everything else (order, crops, flips) is a pure function of
 ``data.params.seed``, rank, epoch and sample position, so the batches after the resume are the uninterrupted run's.
 
+Resolution phases and buckets need one more number: the batch's position in the whole run (batches this
+rank has trained on since iteration 0), whose phase decides the batch's resolution and size. It comes
+from Lightning's run-wide batch counter, which the checkpoint restores, minus the batches of the epoch
+already trained on: :class:`EpochStart`.
+
 ``ResumableSampler`` serves the map-style folder dataset: a ``DistributedSampler`` (so Lightning never
 replaces it under DDP) whose permutation depends on (seed, epoch) only, yielding ``(epoch, index)`` so
 the dataset can seed each sample's crop from (seed, epoch, index) even in persistent workers.
@@ -15,11 +20,12 @@ the dataset can seed each sample's crop from (seed, epoch, index) even in persis
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-__all__ = ["ResumableLoader", "ResumableSampler", "trained_batches"]
+__all__ = ["EpochStart", "ResumableLoader", "ResumableSampler", "trained_batches"]
 
 
 def trained_batches(trainer: Any) -> tuple[int, int]:
@@ -28,6 +34,35 @@ def trained_batches(trainer: Any) -> tuple[int, int]:
         return 0, 0
     progress = trainer.fit_loop.epoch_loop.batch_progress.current
     return int(trainer.current_epoch), int(progress.processed)
+
+
+def _run_batches(trainer: Any) -> int:
+    """Training batches this rank has run since the run began (restored from the checkpoint on resume)."""
+    return int(trainer.fit_loop.epoch_loop.batch_progress.total.processed)
+
+
+def _batches_per_iteration(trainer: Any) -> int:
+    """The model's ``accumulate_grad_batches`` (batches per training iteration); 1 for other models."""
+    value = getattr(trainer.lightning_module, "accumulate_grad_batches", 1)
+    return value if isinstance(value, int) and value >= 1 else 1
+
+
+@dataclass(frozen=True)
+class EpochStart:
+    """What a training loader needs to know when an epoch's iterator is created.
+
+    Attributes:
+        epoch: the epoch (seeds the order of the plain, unphased loaders).
+        skip: batches of this epoch already trained on (a resume mid-epoch): regenerate or skip them.
+        position: batches this rank trained on before this epoch began, over the whole run; batch ``k``
+            of the epoch is batch ``position + k`` of the run (the clock of resolution phases).
+        batches_per_iteration: the model's ``accumulate_grad_batches`` (phases count iterations).
+    """
+
+    epoch: int
+    skip: int
+    position: int
+    batches_per_iteration: int = 1
 
 
 class ResumableSampler(DistributedSampler):
@@ -57,11 +92,11 @@ class ResumableSampler(DistributedSampler):
 
 
 class ResumableLoader(DataLoader):
-    """A DataLoader whose position Lightning checkpoints; ``on_resume(epoch, batches)`` prepares the skip.
+    """A DataLoader whose position Lightning checkpoints; ``on_iter(EpochStart)`` prepares each epoch.
 
     Args:
-        trainer_fn: returns the attached trainer (or None).
-        on_iter: called with (epoch, batches to skip) right before each new iterator is created.
+        trainer_fn: returns the attached trainer (or None: epochs count iterators, each ``len()`` long).
+        on_iter: called with the :class:`EpochStart` right before each new iterator is created.
         **kwargs: DataLoader arguments.
     """
 
@@ -69,7 +104,7 @@ class ResumableLoader(DataLoader):
         self,
         dataset: Dataset,
         trainer_fn: Callable[[], Any],
-        on_iter: Callable[[int, int], None],
+        on_iter: Callable[[EpochStart], None],
         **kwargs: Any,
     ) -> None:
         super().__init__(dataset, **kwargs)
@@ -77,6 +112,13 @@ class ResumableLoader(DataLoader):
         self._on_iter = on_iter
         self._iterations = 0
         self._resume: dict[str, int] | None = None
+
+    def _sized(self) -> bool:
+        try:
+            len(self)
+        except TypeError:  # an IterableDataset without __len__ (validation streams)
+            return False
+        return True
 
     def state_dict(self) -> dict[str, int]:
         epoch, batches = trained_batches(self._trainer_fn())
@@ -96,5 +138,9 @@ class ResumableLoader(DataLoader):
                 # Saved after the epoch's last batch: Lightning counts this iterator as the next epoch.
                 epoch, skip = epoch + 1, 0
         self._resume = None
-        self._on_iter(epoch, skip)
+        if trainer is None:  # iterated by hand: epochs are consecutive and complete
+            start = EpochStart(epoch, skip, epoch * len(self) if self._sized() else 0)
+        else:  # the run-wide counter already includes the skipped batches
+            start = EpochStart(epoch, skip, _run_batches(trainer) - skip, _batches_per_iteration(trainer))
+        self._on_iter(start)
         return super().__iter__()

@@ -6,6 +6,8 @@ since that worker's previous batch, as ``batch["_skipped"] = {kind: int}``. The 
 same queue as the data (no shared memory, no extra processes, correct with any number of workers and
 with persistent workers), and ``DataStatsCallback`` pops the key in ``on_*_batch_start`` -- before the
 model's step sees the batch -- and logs ``data/skipped_<kind>`` (summed over the epoch and over ranks).
+The phase a training batch was made in (``batch["_phase"]``, with resolution phases) travels the same way
+and is logged as ``data/phase``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+from klvae.data.phases import PHASE_KEY, PhaseSchedule
 
 __all__ = ["SKIPPED_KEY", "SKIP_KINDS", "DataStatsCallback", "SkipCounter", "pop_skipped"]
 
@@ -76,11 +81,34 @@ class DataStatsCallback(pl.Callback):
     """Log the loaders' skipped-sample counts as ``data/skipped_<kind>`` (train) and
     ``data/val_skipped_<kind>`` (validation): sums per epoch over all ranks, and the running total of this
     rank as ``data/skipped_total`` per step. Also strips ``_skipped`` from the batch before the model's step.
+
+    With resolution phases it strips ``_phase`` too, logs it as ``data/phase`` (0-based) and says in the
+    log when a new phase begins.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.total = dict.fromkeys(SKIP_KINDS, 0)
+        self._phase: int | None = None
+
+    def _on_phase(self, trainer: pl.Trainer, pl_module: pl.LightningModule, phase: int) -> None:
+        pl_module.log("data/phase", float(phase), on_step=True, on_epoch=False, batch_size=1)
+        if phase != self._phase:
+            self._phase = phase
+            schedule = getattr(trainer.datamodule, "phases", None) if trainer.datamodule is not None else None
+            what = schedule.describe(phase) if isinstance(schedule, PhaseSchedule) else f"phase {phase + 1}"
+            rank_zero_only(logger.info)(
+                "data: %s, from iteration %s", what, getattr(pl_module, "iteration", "?")
+            )
+
+    # The running total goes into the checkpoint (Lightning saves callback states): a resumed run keeps
+    # counting the run's skipped samples, not one launch's.
+    def state_dict(self) -> dict[str, Any]:
+        return {"total": dict(self.total)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for kind, value in state_dict.get("total", {}).items():
+            self.total[kind] = int(value)
 
     def _log(
         self, pl_module: pl.LightningModule, prefix: str, counts: dict[str, int], batch_size: int
@@ -107,6 +135,8 @@ class DataStatsCallback(pl.Callback):
             self.total[kind] = self.total.get(kind, 0) + value
         self._log(pl_module, "", counts, _batch_size(batch))
         pl_module.log("data/skipped_total", float(sum(self.total.values())), on_step=True, on_epoch=False)
+        if isinstance(batch, dict) and PHASE_KEY in batch:
+            self._on_phase(trainer, pl_module, int(batch.pop(PHASE_KEY)))
 
     def on_validation_batch_start(
         self,

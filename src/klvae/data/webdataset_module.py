@@ -11,6 +11,8 @@ YAML (``data.params``; see docs/data.md)::
       shards: "/data/openimages/val-{000000..000007}.tar"
     size: 256
     resize_to: 384
+    buckets: {step: 64, max_aspect: 2.0}      # optional: aspect-ratio buckets (klvae.data.buckets)
+    phases: [{iterations: 200000, size: 256, batch_size: 12}, {size: 512, batch_size: 4}]   # optional
     ...
 """
 
@@ -23,10 +25,11 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from klvae.data.resume import ResumableLoader
+from klvae.data.buckets import BucketConfig, build_transform
+from klvae.data.phases import PhaseSchedule
+from klvae.data.resume import EpochStart, ResumableLoader
 from klvae.data.sharding import distributed_info, expand_shards
 from klvae.data.streams import TrainStream, ValStream, _RankedStream
-from klvae.data.transforms import ImageTransform
 from klvae.data.workers import ignore_stop_signals
 from klvae.errors import ConfigError
 
@@ -55,11 +58,17 @@ class WebDataModule(pl.LightningDataModule):
         train: ``{sources: [{shards, weight}], epoch_length}``; ``{shards, epoch_length}`` is the one-source
             shorthand. ``shards`` is a pattern, a list of patterns, ``pipe:`` command or URL (webdataset's
             syntax, plus local globs). ``epoch_length`` is the nominal number of samples per epoch over all
-            ranks: each rank yields ``max(1, epoch_length // (world_size * batch_size))`` batches. None
-            disables training (e.g. evaluation-only configs).
+            ranks: each rank yields ``max(1, epoch_length // (world_size * batch_size))`` batches (with
+            phases: the first phase's batch size, in every phase). None disables training (e.g.
+            evaluation-only configs).
         validation: ``{shards}``; read once per validation run in a fixed order. None disables validation.
-        size: Crop side (training resolution), e.g. 256.
+        size: Crop side (training resolution), e.g. 256; with ``buckets`` the target whose area the
+            buckets approximate. With ``phases``: the validation resolution.
         resize_to: Shorter side before cropping (LDM OpenImages: 384); None resizes to ``size``.
+        buckets: ``{step, max_aspect}`` of :class:`klvae.data.buckets.BucketConfig`: train and validate
+            each image in its nearest aspect-ratio bucket, one bucket per batch. None: square crops.
+        phases: ``[{iterations, size, batch_size, resize_to}, ...]``: resolution phases
+            (:class:`klvae.data.phases.PhaseSchedule`). None: ``size`` and ``batch_size`` for the whole run.
         min_size: Skip (and count) images whose shorter side is below this.
         random_flip: Random horizontal flips in training.
         random_channel_permutation: Random order of the R, G, B channels in training (colour augmentation
@@ -93,6 +102,8 @@ class WebDataModule(pl.LightningDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         prefetch_factor: int = 2,
+        buckets: dict | None = None,
+        phases: list | None = None,
     ) -> None:
         super().__init__()
         if train is None and validation is None:
@@ -110,16 +121,16 @@ class WebDataModule(pl.LightningDataModule):
             raise ConfigError(f"WebDataModule: shuffle_buffer must be an int >= 0, got {shuffle_buffer!r}")
         self.train_sources, self.train_weights, self.epoch_length = self._parse_train(train)
         self.val_shards = _check_keys(validation, _VAL_KEYS, "validation")["shards"] if validation else None
-        # Fail on bad crop/resize settings now, not in a worker.
-        self.train_transform = ImageTransform(
-            size,
-            resize_to,
-            min_size,
-            random_flip,
-            train=True,
-            random_channel_permutation=random_channel_permutation,
-        )
-        self.val_transform = ImageTransform(size, resize_to, min_size, False, train=False)
+        # Fail on bad crop/resize/bucket/phase settings now, not in a worker.
+        self.buckets = BucketConfig.from_config(buckets)
+        self.phases = PhaseSchedule.from_config(phases, size, batch_size, resize_to)
+        self.train_transforms = [
+            build_transform(
+                p.size, p.resize_to, self.buckets, min_size, random_flip, True, random_channel_permutation
+            )
+            for p in self.phases
+        ]
+        self.val_transform = build_transform(size, resize_to, self.buckets, min_size, False, train=False)
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers = num_workers
@@ -184,14 +195,17 @@ class WebDataModule(pl.LightningDataModule):
     def _trainer(self) -> Any:
         return getattr(self, "trainer", None)
 
+    def image_shapes(self) -> set[tuple[int, int]]:
+        """Every (height, width) a training or validation batch can have (all phases, all buckets)."""
+        return {shape for t in [*self.train_transforms, self.val_transform] for shape in t.shapes}
+
     def _loader(self, dataset: _RankedStream) -> DataLoader:
         workers = self.num_workers
 
-        def on_iter(epoch: int, skip_batches: int) -> None:
+        def on_iter(start: EpochStart) -> None:
             # Reaches the workers when they are (re)created; persistent workers count epochs on themselves.
             # Stamping the epoch makes non-persistent workers and resumed runs draw a new order each epoch.
-            dataset.epoch = epoch
-            dataset.skip_batches = skip_batches
+            dataset.start_epoch(start)
 
         return ResumableLoader(
             dataset,
@@ -223,8 +237,8 @@ class WebDataModule(pl.LightningDataModule):
         stream = TrainStream(
             self._train_urls,
             self.train_weights,
-            self.train_transform,
-            self.batch_size,
+            self.phases,
+            self.train_transforms,
             batches,
             self.shuffle_buffer,
             self.image_key,
@@ -252,5 +266,6 @@ class WebDataModule(pl.LightningDataModule):
         return self._loader(stream)
 
     def batches_per_epoch(self, world_size: int = 1) -> int:
-        """Training batches each rank runs per epoch for ``world_size`` ranks."""
-        return max(1, self.epoch_length // (world_size * self.batch_size))
+        """Training batches each rank runs per epoch for ``world_size`` ranks (the first phase's batch
+        size sets the count; later phases keep it, so every epoch has the same length)."""
+        return max(1, self.epoch_length // (world_size * self.phases[0].batch_size))

@@ -12,12 +12,12 @@ exact and the report can list what was left out.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, Subset
 from webdataset.tariterators import tarfile_samples
 
 from klvae.data.folder import ImageFolderDataset
@@ -61,9 +61,15 @@ def _collate(samples: list[dict]) -> dict:
 class _ShardSamples(IterableDataset):
     """Every sample of the shards once, in order, split over workers; bad ones reported, not replaced."""
 
-    def __init__(self, urls: list[str], transform: ImageTransform, batch_size: int) -> None:
+    def __init__(
+        self,
+        urls: list[str],
+        transform: ImageTransform,
+        batch_size: int,
+        select: Callable[[str], bool] | None = None,
+    ) -> None:
         super().__init__()
-        self.urls, self.transform, self.batch_size = urls, transform, batch_size
+        self.urls, self.transform, self.batch_size, self.select = urls, transform, batch_size, select
 
     def __iter__(self) -> Iterator[dict]:
         worker, num_workers = worker_info()
@@ -89,6 +95,8 @@ class _ShardSamples(IterableDataset):
                 if index % assignment.stride != assignment.offset:
                     continue
                 key = f"{Path(url).name}:{sample.get('__key__')}"
+                if self.select is not None and not self.select(key):
+                    continue
                 image_key = find_image_key(sample)
                 try:
                     if image_key is None:
@@ -129,7 +137,13 @@ class ImageBatches:
                 yield batch["image"], list(batch["__key__"])
 
 
-def image_batches(source: str, resolution: int, batch_size: int, num_workers: int = 0) -> ImageBatches:
+def image_batches(
+    source: str,
+    resolution: int,
+    batch_size: int,
+    num_workers: int = 0,
+    select: Callable[[str], bool] | None = None,
+) -> ImageBatches:
     """Batches of (images (B, 3, R, R) float in [-1, 1], keys) from a folder or shard spec.
 
     Args:
@@ -137,13 +151,17 @@ def image_batches(source: str, resolution: int, batch_size: int, num_workers: in
         resolution: R, the evaluation crop side.
         batch_size: images per batch (the last one, and batches with skipped files, may be smaller).
         num_workers: DataLoader workers for decoding.
+        select: keep only the images whose key it accepts (e.g. a deterministic random subset); the others
+            are not decoded. Keys are the folder-relative path without suffix, or ``shard.tar:key``.
     """
     transform = ImageTransform(resolution, train=False)
     common = {"num_workers": num_workers, "worker_init_fn": ignore_stop_signals if num_workers else None}
     if is_folder(source):
         dataset = ImageFolderDataset(source, transform, substitute=False)
+        if select is not None:
+            dataset = Subset(dataset, [i for i, f in enumerate(dataset.files) if select(dataset._key(f))])
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=_collate, **common)
         return ImageBatches(loader, len(dataset))
     urls = expand_shards(source, where="--data")
-    loader = DataLoader(_ShardSamples(urls, transform, batch_size), batch_size=None, **common)
+    loader = DataLoader(_ShardSamples(urls, transform, batch_size, select), batch_size=None, **common)
     return ImageBatches(loader, None)

@@ -28,10 +28,8 @@ from klvae.evaluation.metrics import (
     frechet_distance,
     inception_features,
     load_inception,
-    lpips_per_image,
-    psnr,
     quantize,
-    ssim,
+    reconstruction_scores,
     to_unit,
 )
 
@@ -101,15 +99,16 @@ def evaluate(
             break
         x = x.to(device)
         recon = vae.decode(vae.encode(x, sample=sample_posterior))  # (B, 3, H, W), float32
+        per_image = reconstruction_scores(x, recon, lpips_model, quantize_output)  # each (B,)
         x01, r01 = to_unit(x), to_unit(recon)
         if quantize_output:
             r01 = quantize(r01)
-        p, s = psnr(x01, r01).cpu().numpy(), ssim(x01, r01).cpu().numpy()
+        p, s = per_image["psnr"].cpu().numpy(), per_image["ssim"].cpu().numpy()
         scores["psnr"].append(p)
         scores["ssim"].append(s)
         lp = None
         if lpips_model is not None:
-            lp = lpips_per_image(lpips_model, x01 * 2 - 1, r01 * 2 - 1).cpu().numpy()
+            lp = per_image["lpips"].cpu().numpy()
             scores["lpips"].append(lp)
         if inception is not None:
             real.update(inception_features(inception, x01))

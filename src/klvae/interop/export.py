@@ -7,12 +7,19 @@ The format follows from ``--out`` (or ``--format``, a :data:`klvae.interop.forma
 * ``my-vae.ckpt`` (``ldm-ckpt``): ``{"state_dict": ...}``, what LDM/SD's ``AutoencoderKL.init_from_ckpt`` reads
   via ``first_stage_config``.
 * ``my-vae/`` (``diffusers``): a folder with ``config.json`` (built here, offline) and
-  ``diffusion_pytorch_model.safetensors`` that ``diffusers.AutoencoderKL.from_pretrained`` loads.
+  ``diffusion_pytorch_model.safetensors`` that ``diffusers.AutoencoderKL.from_pretrained`` loads
+  (``AutoencoderKLFlux2`` for a FLUX.2-shaped VAE).
+* ``--format flux2-ae --out ae.safetensors``: FLUX.2's own layout (black-forest-labs/flux2 ``load_ae``).
+
+A FLUX.2-shaped VAE normalises latents with its BatchNorm, not with factors: ``--batch-norm-stats`` fills its
+statistics from ``klvae-latent-stats`` (a new VAE; never for a fine-tune of FLUX.2's, whose transformer was
+trained on the published ones).
 
 Usage::
 
     klvae-export logs/run/checkpoints/last.ckpt --out my-vae --latent-stats stats.json
     klvae-export logs/run/checkpoints/last.ckpt --out my-vae.safetensors
+    klvae-export logs/run/checkpoints/last.ckpt --out my-flux2-vae --batch-norm-stats stats.json
 """
 
 from __future__ import annotations
@@ -23,16 +30,20 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from klvae.interop.discriminator import discriminator_path_for, write_discriminator
 from klvae.interop.formats import (
     FORMATS,
     VAEWeights,
     format_for_path,
     read_vae_weights,
+    with_batch_norm_statistics,
     with_identity_quant_convs,
     write_vae,
 )
 
 __all__ = ["main", "resolve_latent_factors"]
+
+from klvae.io.files import load_torch_file
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +115,18 @@ def _parser() -> argparse.ArgumentParser:
         help="write absent quant convs (SD3/FLUX.1-shaped VAEs) as exact identity 1x1 convs, for LDM/SD code "
         "whose AutoencoderKL always has them",
     )
+    p.add_argument(
+        "--batch-norm-stats",
+        default=None,
+        help="JSON from klvae-latent-stats: write its per-channel statistics of patchified latents into the "
+        "latent BatchNorm of a FLUX.2-shaped VAE (a new VAE only: a FLUX.2 fine-tune keeps the published ones)",
+    )
+    p.add_argument(
+        "--include-discriminator",
+        action="store_true",
+        help="also write the checkpoint's discriminator (loss.discriminator.*) beside the export "
+        "(my-vae/discriminator.safetensors or my-vae.discriminator.safetensors), for model.params.disc_ckpt_path",
+    )
     p.add_argument("--ddconfig", default=None, help="JSON ddconfig when the checkpoint does not record one")
     p.add_argument("--traceback", action="store_true", help="show full tracebacks for user errors too")
     return p
@@ -145,6 +168,20 @@ def _run(args: argparse.Namespace) -> None:
     )
     if args.identity_quant_convs:
         weights = with_identity_quant_convs(weights)
+    if args.batch_norm_stats is not None:
+        weights = load_user_file(
+            f"--batch-norm-stats {args.batch_norm_stats}",
+            lambda: _fill_batch_norm(weights, args.batch_norm_stats),
+        )
+    if weights.network.latent_batch_norm is not None:
+        flags = {"--scaling-factor": args.scaling_factor, "--shift-factor": args.shift_factor,
+                 "--latent-stats": args.latent_stats}  # fmt: skip
+        given = [flag for flag, value in flags.items() if value is not None]
+        if given:
+            raise ConfigError(
+                f"{', '.join(given)}: this VAE normalises latents with its BatchNorm (FLUX.2), not with factors; "
+                "to fill a new VAE's BatchNorm pass --batch-norm-stats stats.json"
+            )
     scale, shift = resolve_latent_factors(
         weights, args.scaling_factor, args.shift_factor, args.latent_stats, args.with_shift
     )
@@ -162,19 +199,84 @@ def _run(args: argparse.Namespace) -> None:
             "them and loads non-strictly, so they would stay random there; pass --identity-quant-convs for "
             "that code (diffusers and FLUX.1 read the file as it is)"
         )
-    if fmt == "diffusers" and scale is None:
+    if fmt.startswith("ldm") and network.latent_batch_norm is not None:
+        log.warning(
+            "FLUX.2-shaped VAE in LDM layout (quant convs at the top level, bn.* kept): klvae and diffusers' key "
+            "conversion read it; FLUX.2's own code reads --format flux2-ae"
+        )
+    if fmt == "diffusers" and scale is None and network.latent_batch_norm is None:
         raise ConfigError(
             "the diffusers config needs scaling_factor. Compute it with klvae-latent-stats and "
             f"pass --latent-stats stats.json, or pass --scaling-factor ({SD_SCALING_FACTOR} is right only for "
             "SD's VAE and decoder-only fine-tunes of it)."
         )
+    if args.include_discriminator and not any(
+        k.startswith("loss.discriminator.") for k in weights.loss_state_dict
+    ):
+        raise ConfigError(
+            f"--include-discriminator: {args.checkpoint} holds no discriminator (loss.discriminator.*); only "
+            "klvae and LDM training checkpoints do"
+        )
     load_user_file(
         f"--out {args.out}", lambda: write_vae(weights, out, fmt, scale, shift, prefix=args.prefix)
     )
+    if args.include_discriminator:
+        target = discriminator_path_for(out)
+        config = _discriminator_config(args.checkpoint)
+        load_user_file(
+            f"--out {args.out}", lambda: write_discriminator(weights.loss_state_dict, target, config)
+        )
+        log.info("wrote the discriminator (%s) to %s", (config or {}).get("target", "PatchGAN"), target)
     log.info(
         "exported %s weights%s from %s -> %s (scaling_factor=%s, shift_factor=%s)",
         weights.source_format, " (EMA)" if weights.used_ema else "", args.checkpoint, args.out, scale, shift,
     )  # fmt: skip
+
+
+def _discriminator_config(checkpoint: str) -> dict[str, Any] | None:
+    """The ``{target, params}`` of a klvae run's discriminator, from its recorded lossconfig (None: LDM's
+    PatchGAN, whose shape the tensors give)."""
+    path = Path(checkpoint)
+    if not path.is_file() or path.suffix == ".safetensors":
+        return None
+    try:
+        loss = (
+            load_torch_file(path, mmap=True)
+            .get("hyper_parameters", {})
+            .get("lossconfig", {})
+            .get("params", {})
+        )
+    except (ValueError, AttributeError):
+        return None
+    if loss.get("discriminator_config"):
+        return dict(loss["discriminator_config"])
+    shape = {"input_nc": loss.get("disc_in_channels", 3), "ndf": loss.get("disc_ndf", 64),
+             "n_layers": loss.get("disc_num_layers", 3), "use_actnorm": loss.get("use_actnorm", False)}  # fmt: skip
+    return {"target": "klvae.modules.discriminator.NLayerDiscriminator", "params": shape}
+
+
+def _fill_batch_norm(weights: VAEWeights, stats_path: str) -> VAEWeights:
+    from klvae.errors import ConfigError
+
+    path = Path(stats_path)
+    if not path.is_file():
+        raise ConfigError(
+            f"--batch-norm-stats {stats_path!r}: no such file (write it with klvae-latent-stats)"
+        )
+    stats = _json_arg(f"--batch-norm-stats {stats_path}", path.read_text())
+    entry = stats.get("batch_norm") if isinstance(stats, dict) else None
+    if not isinstance(entry, dict) or not {"running_mean", "running_var"} <= set(entry):
+        raise ConfigError(
+            f"--batch-norm-stats {stats_path!r}: no 'batch_norm' running_mean/running_var (klvae-latent-stats "
+            "writes them for a VAE with ddconfig.latent_batch_norm)"
+        )
+    norm = weights.network.latent_batch_norm
+    if norm is not None and list(entry.get("patch_size", norm.patch_size)) != list(norm.patch_size):
+        raise ConfigError(
+            f"--batch-norm-stats {stats_path!r}: measured with patch {entry['patch_size']}, this VAE's BatchNorm "
+            f"uses {list(norm.patch_size)}"
+        )
+    return with_batch_norm_statistics(weights, entry["running_mean"], entry["running_var"])
 
 
 if __name__ == "__main__":

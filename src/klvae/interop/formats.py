@@ -3,9 +3,12 @@
 =================== ============================================================ ==============
 name                what                                                         written by
 =================== ============================================================ ==============
-``diffusers``       diffusers ``AutoencoderKL`` folder (``config.json`` + weights;  ``klvae-export``
-                    a pipeline folder's ``vae/``), or a diffusers-layout file
+``diffusers``       diffusers ``AutoencoderKL``/``AutoencoderKLFlux2`` folder        ``klvae-export``
+                    (``config.json`` + weights; a pipeline folder's ``vae/``), or
+                    a diffusers-layout file
 ``klvae-run``       a klvae training checkpoint (EMA weights preferred)          training
+``flux2-ae``        FLUX.2's own ``ae.safetensors`` (black-forest-labs/flux2):      ``klvae-export
+                    LDM names, quant convs inside encoder/decoder, ``bn.*``        --format flux2-ae``
 ``ldm-safetensors`` LDM-layout ``.safetensors``: bare (SDXL's ``sdxl_vae``,        ``klvae-export``
                     FLUX.1's ``ae.safetensors``) or a full SD/SD3 checkpoint
 ``ldm-ckpt``        LDM/SD ``.ckpt``/``.pth``/``.bin``: Lightning checkpoint or     ``klvae-export``
@@ -31,7 +34,21 @@ from typing import Any, ClassVar
 import torch
 
 from klvae.interop.configs import diffusers_config, network_from_diffusers_config, network_from_state_dict
-from klvae.interop.files import (
+from klvae.interop.keys import (
+    BATCH_NORM_PREFIX,
+    EMA_PREFIX,
+    LOSS_PREFIX,
+    diffusers_to_ldm,
+    flux2_to_ldm,
+    is_diffusers_layout,
+    is_flux2_layout,
+    is_ldm_layout,
+    ldm_to_diffusers,
+    ldm_to_flux2,
+    network_tensors,
+    strip_first_stage,
+)
+from klvae.io.files import (
     SAFETENSORS_SUFFIX,
     TensorFile,
     read_tensor_file,
@@ -39,17 +56,7 @@ from klvae.interop.files import (
     save_torch_file,
     write_atomically,
 )
-from klvae.interop.keys import (
-    EMA_PREFIX,
-    LOSS_PREFIX,
-    diffusers_to_ldm,
-    is_diffusers_layout,
-    is_ldm_layout,
-    ldm_to_diffusers,
-    network_tensors,
-    strip_first_stage,
-)
-from klvae.modules.config import NetworkConfig
+from klvae.modules.config import LatentBatchNormConfig, NetworkConfig
 from klvae.modules.vae import KLAutoencoder
 
 __all__ = [
@@ -60,6 +67,7 @@ __all__ = [
     "detect_format",
     "load_vae",
     "read_vae_weights",
+    "with_batch_norm_statistics",
     "with_identity_quant_convs",
     "write_vae",
 ]
@@ -82,7 +90,8 @@ class VAEWeights:
     """Network weights in LDM layout plus what is known about them.
 
     Attributes:
-        state_dict: the network's tensors (``encoder.*``, ``decoder.*``, ``quant_conv.*``, ``post_quant_conv.*``).
+        state_dict: the network's tensors (``encoder.*``, ``decoder.*``, ``quant_conv.*``, ``post_quant_conv.*``;
+            FLUX.2-shaped: ``bn.*``).
         network: the network they belong to (recorded in the file, or read from the tensors' shapes).
         source_format: the :data:`FORMATS` name it was read from.
         scaling_factor: latent scale factor when the source records one (diffusers config, export), else None.
@@ -133,6 +142,7 @@ class VAEFormat:
     description: ClassVar[str]
     writable: ClassVar[bool] = False
     suffixes: ClassVar[tuple[str, ...]] = ()  # file names it writes (none: a folder)
+    by_suffix: ClassVar[bool] = True  # False: written only when named (--format), never chosen from a suffix
 
     def detect(self, source: Source) -> bool:
         """Whether ``source`` is in this format (formats are tried in :data:`FORMATS` order)."""
@@ -169,9 +179,12 @@ def _export_meta(
     }
 
 
-def _read_ldm_layout(source: Source) -> Contents:
-    """Network and loss tensors of an LDM-layout file, with what a klvae export records."""
+def _read_ldm_layout(source: Source, rename: Callable[[dict], dict] | None = None) -> Contents:
+    """Network and loss tensors of an LDM-layout file (``rename``: into LDM names first), with what a klvae
+    export records."""
     state = strip_first_stage(source.file.tensors)
+    if rename is not None:
+        state = rename(state)
     contents = Contents(network_tensors(state), loss_state_dict=_loss_tensors(state))
     meta = source.file.metadata.get(EXPORT_META_KEY)
     if isinstance(meta, Mapping):
@@ -204,10 +217,13 @@ class DiffusersFormat(VAEFormat):
         config = source.diffusers_config
         if config is not None:
             contents.recorded = network_from_diffusers_config(config)
-            contents.scaling_factor, contents.shift_factor = (
-                config.get("scaling_factor"),
-                config.get("shift_factor"),
-            )
+            if (
+                contents.recorded.latent_batch_norm is None
+            ):  # AutoencoderKLFlux2 normalises with its BatchNorm
+                contents.scaling_factor, contents.shift_factor = (
+                    config.get("scaling_factor"),
+                    config.get("shift_factor"),
+                )
         return contents
 
     def write(
@@ -218,10 +234,6 @@ class DiffusersFormat(VAEFormat):
         shift_factor: float | None,
         prefix: str = "",
     ) -> Path:
-        if scaling_factor is None:
-            raise ValueError(
-                "a diffusers config.json needs scaling_factor (measure it with klvae-latent-stats)"
-            )
         config = diffusers_config(weights.network, scaling_factor, shift_factor)
         out.mkdir(parents=True, exist_ok=True)
         save_safetensors(
@@ -293,6 +305,49 @@ class LdmLayoutFormat(VAEFormat):
         )
 
 
+class Flux2AeFormat(VAEFormat):
+    """FLUX.2's own autoencoder file (black-forest-labs/flux2 ``load_ae``: ``load_state_dict(strict=True)``).
+
+    LDM's names except that its Encoder owns ``quant_conv`` and its Decoder ``post_quant_conv``
+    (``encoder.quant_conv.*``, ``decoder.post_quant_conv.*``), plus the latent BatchNorm ``bn.*``. Written only
+    when asked for (``--format flux2-ae``): an ``.safetensors`` name otherwise means ``ldm-safetensors``.
+    """
+
+    name = "flux2-ae"
+    description = (
+        "FLUX.2's own ae.safetensors (black-forest-labs/flux2): quant convs inside encoder/decoder, bn.*"
+    )
+    writable = True
+    suffixes = (SAFETENSORS_SUFFIX,)
+    by_suffix = False
+
+    def detect(self, source: Source) -> bool:
+        return is_flux2_layout(source.keys)
+
+    def read(self, source: Source, use_ema: bool | None) -> Contents:
+        return _read_ldm_layout(source, rename=flux2_to_ldm)
+
+    def write(
+        self,
+        weights: VAEWeights,
+        out: Path,
+        scaling_factor: float | None,
+        shift_factor: float | None,
+        prefix: str = "",
+    ) -> Path:
+        network = weights.network
+        if not (network.use_quant_conv and network.use_post_quant_conv) or network.latent_batch_norm is None:
+            raise ValueError(
+                "FLUX.2's AutoEncoder always has quant_conv, post_quant_conv and the latent BatchNorm; this "
+                f"network has use_quant_conv={network.use_quant_conv}, use_post_quant_conv="
+                f"{network.use_post_quant_conv}, latent_batch_norm={network.latent_batch_norm}"
+            )
+        if prefix:
+            raise ValueError("prefix applies to the LDM layouts only, not to FLUX.2's ae.safetensors")
+        meta = {EXPORT_META_KEY: _export_meta(weights, scaling_factor, shift_factor)}
+        return save_safetensors(ldm_to_flux2(weights.state_dict), out, meta)
+
+
 class LdmSafetensorsFormat(LdmLayoutFormat):
     name = "ldm-safetensors"
     description = "LDM-layout .safetensors: bare VAE (SDXL sdxl_vae, FLUX.1 ae) or full SD/SD3 checkpoint"
@@ -309,9 +364,11 @@ class LdmCkptFormat(LdmLayoutFormat):
     save = staticmethod(save_torch_file)  # {"state_dict": ...}: what LDM's AutoencoderKL.init_from_ckpt reads
 
 
-# Tried in this order: a folder or diffusers names first, then a klvae run (it records itself), then LDM layout.
+# Tried in this order: a folder or diffusers names first, then a klvae run (it records itself), then FLUX.2's
+# nested quant convs (also LDM-like names), then LDM layout.
 FORMATS: dict[str, VAEFormat] = {
-    f.name: f for f in (DiffusersFormat(), KlvaeRunFormat(), LdmSafetensorsFormat(), LdmCkptFormat())
+    f.name: f
+    for f in (DiffusersFormat(), KlvaeRunFormat(), Flux2AeFormat(), LdmSafetensorsFormat(), LdmCkptFormat())
 }
 
 
@@ -375,6 +432,7 @@ def read_vae_weights(
     contents = fmt.read(source, use_ema)
     if not contents.state_dict:
         raise ValueError(f"{path} ({fmt.name}) holds no autoencoder tensors (encoder.*, decoder.*)")
+    _complete_batch_norm(contents.state_dict)
     from_tensors = network_from_state_dict(
         contents.state_dict, ddconfig=ddconfig if ddconfig is not None else _ddconfig_of(contents.recorded)
     )
@@ -392,18 +450,35 @@ def read_vae_weights(
     )
 
 
+def _complete_batch_norm(state: dict[str, torch.Tensor]) -> None:
+    """Add ``bn.num_batches_tracked`` (0) where only the statistics were saved.
+
+    diffusers' FLUX.2 conversion copies ``bn.running_mean``/``bn.running_var`` alone, and torch's BatchNorm
+    accepts a state dict without the counter; it changes no output (only a momentum-free BatchNorm reads it).
+    """
+    mean, count = BATCH_NORM_PREFIX + "running_mean", BATCH_NORM_PREFIX + "num_batches_tracked"
+    if mean in state and count not in state:
+        state[count] = torch.zeros((), dtype=torch.long)
+
+
 def _ddconfig_of(network: NetworkConfig | None) -> dict[str, Any] | None:
     # With norm_num_groups even when the record did not spell it out: shapes cannot tell it.
     return None if network is None else {**network.ddconfig(), "norm_num_groups": network.norm_num_groups}
 
 
 def _check_record(path: Path, recorded: NetworkConfig, actual: NetworkConfig) -> None:
-    """The tensors decide embed_dim and the quant convs; a file whose own record disagrees is damaged."""
-    for name in ("embed_dim", "use_quant_conv", "use_post_quant_conv"):
-        if getattr(recorded, name) != getattr(actual, name):
+    """The tensors decide embed_dim, the quant convs and the latent BatchNorm's shape; a file whose own record
+    disagrees is damaged. (The BatchNorm's eps and momentum are not in the tensors: a given ddconfig sets them.)"""
+
+    def shape(norm: LatentBatchNormConfig | None) -> tuple[tuple[int, int], bool] | None:
+        return None if norm is None else (norm.patch_size, norm.affine)
+
+    for name in ("embed_dim", "use_quant_conv", "use_post_quant_conv", "latent_batch_norm"):
+        said, has = getattr(recorded, name), getattr(actual, name)
+        if (shape(said) != shape(has)) if name == "latent_batch_norm" else said != has:
             raise ValueError(
-                f"{path}: its config says {name}={getattr(recorded, name)} but its tensors have "
-                f"{name}={getattr(actual, name)}; fix the config (e.g. config.json) to match the weights"
+                f"{path}: its config says {name}={said} but its tensors have {name}={has}; fix the config "
+                "(e.g. config.json) to match the weights"
             )
 
 
@@ -423,12 +498,12 @@ def write_vae(
         format: a :data:`FORMATS` name; None: ``.safetensors`` → ldm-safetensors, ``.ckpt``/``.pth``/``.pt``/``.bin``
             → ldm-ckpt, no suffix → diffusers.
         scaling_factor, shift_factor: the latent factors (diffusers' config.json needs ``scaling_factor``;
-            LDM-layout files record both in their metadata).
+            LDM-layout files record both in their metadata). None for a VAE with a latent BatchNorm (FLUX.2).
         prefix: LDM layouts: key prefix, e.g. ``"first_stage_model."`` to splice into a full SD checkpoint.
 
     Raises:
-        ValueError: unknown or read-only format, a suffix that fits no format, or a network the format
-            cannot express (e.g. attention in the levels for diffusers).
+        ValueError: unknown or read-only format, a suffix that fits no format, a network the format
+            cannot express (e.g. attention in the levels for diffusers), or factors for a latent BatchNorm VAE.
     """
     out = Path(out)
     if format is None:
@@ -441,6 +516,11 @@ def write_vae(
         raise ValueError(f"{str(out)!r}: a {format} file is named *{'/*'.join(fmt.suffixes)}")
     if prefix and format == "diffusers":
         raise ValueError("prefix applies to the LDM layouts only, not to a diffusers folder")
+    if weights.network.latent_batch_norm is not None and (scaling_factor, shift_factor) != (None, None):
+        raise ValueError(
+            f"this VAE normalises latents with its BatchNorm (FLUX.2), not with scaling_factor={scaling_factor}/"
+            f"shift_factor={shift_factor}: pass neither (new statistics: with_batch_norm_statistics)"
+        )
     written = fmt.write(weights, out, scaling_factor, shift_factor, prefix)
     log.info("wrote %s (%s, %d tensors, scaling_factor=%s, shift_factor=%s)", written, format,
              len(weights.state_dict), scaling_factor, shift_factor)  # fmt: skip
@@ -452,8 +532,8 @@ def format_for_path(out: Path) -> str:
     if not out.suffix:
         return "diffusers"
     # The longest matching ending wins: "vae.fp16.ckpt" belongs to a format naming ".fp16.ckpt" over ".ckpt".
-    matches = [(len(sfx), name) for name, fmt in FORMATS.items() if fmt.writable for sfx in fmt.suffixes
-               if out.name.endswith(sfx)]  # fmt: skip
+    matches = [(len(sfx), name) for name, fmt in FORMATS.items() if fmt.writable and fmt.by_suffix
+               for sfx in fmt.suffixes if out.name.endswith(sfx)]  # fmt: skip
     if matches:
         return max(matches)[1]
     raise ValueError(f"{str(out)!r}: name a .safetensors or .ckpt file (LDM layout), or a folder (diffusers)")
@@ -483,6 +563,37 @@ def with_identity_quant_convs(weights: VAEWeights) -> VAEWeights:
         state.update({f"post_quant_conv.{k}": v for k, v in identity(network.z_channels).items()})
     with_convs = dataclasses.replace(network, use_quant_conv=True, use_post_quant_conv=True)
     return dataclasses.replace(weights, state_dict=state, network=with_convs)
+
+
+def with_batch_norm_statistics(weights: VAEWeights, running_mean: Any, running_var: Any) -> VAEWeights:
+    """The same VAE with new latent BatchNorm statistics (FLUX.2-shaped networks only).
+
+    ``running_mean``/``running_var`` are per channel of the patchified latents (C·p·q values, in
+    :func:`klvae.modules.latent_norm.patchify`'s channel order), as ``klvae-latent-stats`` measures them
+    (its ``batch_norm`` entry). The counter ``num_batches_tracked`` is kept.
+
+    Raises:
+        ValueError: the network has no latent BatchNorm, or the statistics have the wrong length, a
+            non-finite value or a negative variance.
+    """
+    norm = weights.network.latent_batch_norm
+    if norm is None:
+        raise ValueError(
+            "this VAE has no latent BatchNorm to fill; a FLUX.2-shaped network sets ddconfig.latent_batch_norm"
+        )
+    like = weights.state_dict[BATCH_NORM_PREFIX + "running_mean"]
+    state = dict(weights.state_dict)
+    for name, values in (("running_mean", running_mean), ("running_var", running_var)):
+        tensor = torch.as_tensor(values, dtype=torch.float64)
+        if tensor.shape != like.shape:
+            raise ValueError(
+                f"batch-norm {name} has {tensor.numel()} values; this VAE's BatchNorm has {like.numel()} "
+                f"(embed_dim {weights.network.embed_dim} x patch {norm.patch_size[0]}x{norm.patch_size[1]})"
+            )
+        if not torch.isfinite(tensor).all() or (name == "running_var" and (tensor < 0).any()):
+            raise ValueError(f"batch-norm {name} has non-finite or negative values")
+        state[BATCH_NORM_PREFIX + name] = tensor.to(like.dtype)
+    return dataclasses.replace(weights, state_dict=state)
 
 
 def build_vae(weights: VAEWeights) -> KLAutoencoder:

@@ -3,7 +3,9 @@
 klvae's network uses LDM's names (CompVis/latent-diffusion ``first_stage_model``; FLUX.1's ``ae.safetensors``
 uses the same). Stable Diffusion checkpoints keep them under ``first_stage_model.``; klvae run checkpoints add
 ``loss.*`` and ``ema.*``. diffusers' ``AutoencoderKL`` renames the same tensors; :data:`LDM_TO_DIFFUSERS` is a
-bijection for the kl-f8 family, read left to right for export and right to left for import.
+bijection for the kl-f8 family, read left to right for export and right to left for import. FLUX.2's latent
+BatchNorm is ``bn.*`` in all three layouts; FLUX.2's own ``ae.safetensors`` (black-forest-labs/flux2) keeps the
+quant convs inside the encoder and decoder (:data:`FLUX2_NESTED_QUANT_CONVS`).
 """
 
 from __future__ import annotations
@@ -15,15 +17,20 @@ from functools import cache
 import torch
 
 __all__ = [
+    "BATCH_NORM_PREFIX",
     "EMA_PREFIX",
     "FIRST_STAGE_PREFIX",
+    "FLUX2_NESTED_QUANT_CONVS",
     "LDM_TO_DIFFUSERS",
     "LOSS_PREFIX",
     "NETWORK_PREFIXES",
     "diffusers_to_ldm",
+    "flux2_to_ldm",
     "is_diffusers_layout",
+    "is_flux2_layout",
     "is_ldm_layout",
     "ldm_to_diffusers",
+    "ldm_to_flux2",
     "network_tensors",
     "num_levels",
     "rename_key",
@@ -33,7 +40,14 @@ __all__ = [
 FIRST_STAGE_PREFIX = "first_stage_model."  # SD/LDM full checkpoints
 EMA_PREFIX = "ema."  # klvae run checkpoints: EMA copy of the network
 LOSS_PREFIX = "loss."  # LDM/klvae training checkpoints: discriminator, LPIPS, logvar
-NETWORK_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+BATCH_NORM_PREFIX = "bn."  # FLUX.2's latent BatchNorm (running_mean, running_var, num_batches_tracked)
+NETWORK_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", BATCH_NORM_PREFIX)
+# (LDM name prefix, FLUX.2 ae.safetensors prefix): black-forest-labs/flux2's Encoder owns quant_conv and its
+# Decoder post_quant_conv; every other name is LDM's.
+FLUX2_NESTED_QUANT_CONVS: tuple[tuple[str, str], ...] = (
+    ("quant_conv.", "encoder.quant_conv."),
+    ("post_quant_conv.", "decoder.post_quant_conv."),
+)
 
 # (LDM name prefix, diffusers name prefix). {i}: level in execution order; {u}: LDM's decoder level, which
 # counts by resolution (up.{L-1} runs first), so u = L - 1 - i; {j}: block in the level; {P}: encoder|decoder.
@@ -133,6 +147,29 @@ def diffusers_to_ldm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.
     return out
 
 
+def ldm_to_flux2(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """LDM-layout network state dict → FLUX.2's ``ae.safetensors`` names (quant convs nested)."""
+    return {_swap_prefix(k, FLUX2_NESTED_QUANT_CONVS, to_flux2=True): v for k, v in state_dict.items()}
+
+
+def flux2_to_ldm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """FLUX.2's ``ae.safetensors`` names → LDM layout (``encoder.quant_conv.*`` → ``quant_conv.*`` ...)."""
+    return {_swap_prefix(k, FLUX2_NESTED_QUANT_CONVS, to_flux2=False): v for k, v in state_dict.items()}
+
+
+def _swap_prefix(key: str, rows: tuple[tuple[str, str], ...], to_flux2: bool) -> str:
+    for ldm, flux2 in rows:
+        source, target = (ldm, flux2) if to_flux2 else (flux2, ldm)
+        if key.startswith(source):
+            return target + key[len(source) :]
+    return key
+
+
+def is_flux2_layout(keys: Iterable[str]) -> bool:
+    """Whether these names are FLUX.2's own (``encoder.quant_conv.weight``: no other layout nests it)."""
+    return any(k.startswith(tuple(flux2 for _, flux2 in FLUX2_NESTED_QUANT_CONVS)) for k in keys)
+
+
 def is_diffusers_layout(keys: Iterable[str]) -> bool:
     """Whether these names are diffusers' (``encoder.down_blocks.0.resnets.0.conv1.weight`` ...)."""
     return any(
@@ -156,7 +193,7 @@ def strip_first_stage(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch
 
 
 def network_tensors(state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
-    """The network's tensors (``encoder.*``, ``decoder.*``, quant convs) under ``prefix``, prefix removed.
+    """The network's tensors (``encoder.*``, ``decoder.*``, quant convs, ``bn.*``) under ``prefix``, prefix removed.
 
     ``prefix=""`` takes the live network of a run checkpoint, ``"ema."`` its EMA copy.
     """

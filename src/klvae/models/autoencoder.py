@@ -11,23 +11,29 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.plugins.precision import MixedPrecision
 
-from klvae.errors import ConfigError, TrainingDivergedError
+from klvae.errors import ConfigError
 from klvae.evaluation.metrics import reconstruction_scores
 from klvae.interop.configs import network_from_state_dict
+from klvae.interop.discriminator import check_discriminator_fits, read_discriminator_weights
 from klvae.interop.formats import VAEWeights, read_vae_weights
 from klvae.interop.keys import NETWORK_PREFIXES
 from klvae.models.ema import ModuleEMA
 from klvae.models.lr_schedule import LRSchedule
+from klvae.models.nonfinite import NonFiniteGuard, NonFiniteTrainingError
+from klvae.modules.adaptive import LastLayer
 from klvae.modules.config import NetworkConfig
+from klvae.modules.distributions import DiagonalGaussianDistribution
 from klvae.modules.equivariance import Branch, EquivarianceSchedule
-from klvae.modules.losses import LastLayer
+from klvae.modules.losses import LatentCut, TrainingObjective
 from klvae.modules.vae import KLAutoencoder
-from klvae.perf.apply import apply_runtime_optimizations, make_adam
+from klvae.perf.apply import AppliedOptimizations, apply_runtime_optimizations, make_adam
 from klvae.perf.options import parse_optimizations
 from klvae.util import instantiate_from_config, to_container
 
@@ -38,30 +44,15 @@ log = logging.getLogger(__name__)
 _SCHEDULES = ("alternate", "every_batch")
 
 
-class NonFiniteTrainingError(TrainingDivergedError):
-    """Too many updates in a row had a non-finite loss or gradient: the run has diverged."""
+@dataclass
+class _Forward:
+    """One training forward pass: what the objective needs besides the images."""
 
-
-class _SavedInput:
-    """Forward hook keeping the input of the module it is registered on (the decoder's ``conv_out``).
-
-    Works inside a compiled decoder (dynamo makes the tensor one more graph output). A fresh, empty
-    holder on deepcopy, so copying the decoder (EMA) never drags tensors or the model along.
-    """
-
-    def __init__(self) -> None:
-        self.value: torch.Tensor | None = None
-
-    def __call__(self, module: torch.nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        if module.training:  # not in validation/inference: nothing would take it
-            self.value = args[0]
-
-    def take(self) -> torch.Tensor | None:
-        value, self.value = self.value, None
-        return value
-
-    def __deepcopy__(self, memo: dict) -> _SavedInput:
-        return _SavedInput()
+    reconstructions: torch.Tensor  # x̂ (B, 3, H, W)
+    posterior: DiagonalGaussianDistribution
+    latents: torch.Tensor  # the posterior sample z (B, C, h, w)
+    decoder_last_layer: LastLayer  # for LDM's adaptive GAN weight
+    latent_cut: LatentCut | None  # for adaptive latent-term weights (VA-VAE's VF loss)
 
 
 def _check_quant_convs(
@@ -106,8 +97,8 @@ class AutoencoderKL(KLAutoencoder, pl.LightningModule):
         gradient_clip_val: clip each optimizer's gradient norm to this value (None: off), after unscaling
             under ``16-mixed`` (in :meth:`on_before_optimizer_step`).
         max_nonfinite_in_a_row: an update whose loss or gradient is not finite is skipped (no optimizer
-            step; counted as ``train/skipped_nonfinite``); this many skipped updates in a row stop the run
-            with :class:`NonFiniteTrainingError`.
+            step, no EMA update; counted as ``train/skipped_nonfinite``, on every DDP rank alike); this many
+            skipped updates in a row of one optimizer stop the run with :class:`NonFiniteTrainingError`.
         ema_decay: keep an EMA of the autoencoder weights, used for validation, images and export.
         train_decoder_only: freeze encoder and quant_conv when present (the sd-vae-ft recipe).
         ckpt_path: warm start from an LDM/SD/klvae checkpoint, a klvae export or diffusers weights
@@ -115,6 +106,9 @@ class AutoencoderKL(KLAutoencoder, pl.LightningModule):
         ckpt_use_ema: for a klvae run checkpoint with EMA weights: None (default) starts from its EMA
             weights (what ``klvae-export`` wrote), False from its live weights, True requires EMA weights.
         ignore_keys: key prefixes to drop from ``ckpt_path`` (e.g. ``["loss.discriminator"]``).
+        disc_ckpt_path: warm-start the discriminator (any type) from a klvae/LDM training checkpoint
+            (``loss.discriminator.*``) or a ``klvae-export --include-discriminator`` file; applied after
+            ``ckpt_path``. Keys that do not fit the configured discriminator are a config error naming them.
         image_key: batch key of the images, (B, 3, H, W) float in [-1, 1].
         monitor: metric for best-checkpoint selection.
         lr_schedule: learning-rate warm-up and decay for both optimizers, counted in iterations, e.g.
@@ -146,6 +140,7 @@ class AutoencoderKL(KLAutoencoder, pl.LightningModule):
         ckpt_path: str | None = None,
         ckpt_use_ema: bool | None = None,
         ignore_keys: Sequence[str] = (),
+        disc_ckpt_path: str | None = None,
         image_key: str = "image",
         monitor: str | None = "val/rec_loss",
         optimizations: Mapping[str, Any] | None = None,
@@ -163,10 +158,6 @@ class AutoencoderKL(KLAutoencoder, pl.LightningModule):
             )
         if gradient_clip_val is not None and gradient_clip_val <= 0:
             raise ValueError(f"gradient_clip_val must be > 0 or null, got {gradient_clip_val!r}")
-        if not isinstance(max_nonfinite_in_a_row, int) or max_nonfinite_in_a_row < 1:
-            raise ValueError(
-                f"max_nonfinite_in_a_row must be an integer >= 1, got {max_nonfinite_in_a_row!r}"
-            )
         if len(adam_betas) != 2 or not all(0 <= beta < 1 for beta in adam_betas):
             raise ValueError(f"adam_betas must be two numbers in [0, 1), got {list(adam_betas)!r}")
         for name, value in (("learning_rate", learning_rate), ("lr_g_factor", lr_g_factor)):
@@ -244,15 +235,23 @@ class AutoencoderKL(KLAutoencoder, pl.LightningModule):
         )
         self._downsample_factor = self.network.downsampling  # image side / latent side
 
-        self.loss = instantiate_from_config(lossconfig)
+        self.loss: TrainingObjective = instantiate_from_config(lossconfig)
+        if train_decoder_only and self.loss.trains_encoder:
+            raise ConfigError(
+                "model.params.train_decoder_only is true, but model.params.lossconfig has a term that trains "
+                "the encoder (e.g. the VF loss in lossconfig.params.terms): set train_decoder_only to false "
+                "or remove the term"
+            )
         if self.optimizations.gradient_checkpointing:
             self.encoder.gradient_checkpointing = self.decoder.gradient_checkpointing = True
-        if hasattr(self.loss, "lpips_target_no_grad"):
-            self.loss.lpips_target_no_grad = self.optimizations.lpips_target_no_grad
-        self._runtime_optimized = False
+        self.loss.lpips_target_no_grad = self.optimizations.lpips_target_no_grad
+        self._check_region_names()
+        self.applied_optimizations: AppliedOptimizations | None = None  # set on_fit_start
         self.ema = ModuleEMA(self.codec_modules(), decay=ema_decay) if ema_decay is not None else None
         if warm_start is not None:
             self.init_from_ckpt(str(ckpt_path), ignore_keys, warm_start)
+        if disc_ckpt_path is not None:
+            self.init_discriminator_from(disc_ckpt_path)
         if train_decoder_only:
             self.encoder.requires_grad_(False)
             self.quant_conv.requires_grad_(False)  # no-op without quant convs (Identity has no parameters)
@@ -260,16 +259,10 @@ class AutoencoderKL(KLAutoencoder, pl.LightningModule):
         # Training progress in iterations; saved in checkpoint["klvae"] (plain ints, weights_only-safe).
         self._iteration = 0
         self._micro_step = 0
-
-        # The decoder's conv_out input, for the adaptive weight (registered after the EMA copy was made).
-        self._conv_out_input = _SavedInput()
-        self.decoder.conv_out.register_forward_hook(self._conv_out_input)
-        # Non-finite guard, on the device so that no step waits for the host (see on_before_optimizer_step).
-        self.max_nonfinite_in_a_row = max_nonfinite_in_a_row
-        self.register_buffer("_nonfinite_skipped", torch.zeros((), dtype=torch.long), persistent=False)
-        self.register_buffer("_nonfinite_streak", torch.zeros((), dtype=torch.long), persistent=False)
-        self.register_buffer("_nonfinite_worst", torch.zeros((), dtype=torch.long), persistent=False)
-        self._loss_finite: torch.Tensor | None = None
+        self._disc_updates = 0  # discriminator updates so far (the lazy R1 clock)
+        self._unwritten_logs: dict[str, torch.Tensor] = {}  # see _with_unwritten
+        # Non-finite guard, on the device so that no step waits for the host (klvae.models.nonfinite).
+        self.nonfinite = NonFiniteGuard(("autoencoder", "discriminator"), max_nonfinite_in_a_row)
 
     # ------------------------------------------------------------------ basics
     @property
@@ -338,6 +331,13 @@ class AutoencoderKL(KLAutoencoder, pl.LightningModule):
             unexpected[:10] or "none",
         )
 
+    def init_discriminator_from(self, path: str) -> None:
+        """Load the discriminator's weights from ``path`` (see ``disc_ckpt_path``), every key checked."""
+        weights, recorded = read_discriminator_weights(path)
+        check_discriminator_fits(path, self.loss.discriminator.state_dict(), weights, recorded)
+        self.loss.discriminator.load_state_dict(weights)
+        log.info("discriminator warm start from %s: %d tensors", path, len(weights))
+
     def _check_network_fits(
         self, path: str, weights: VAEWeights, network: Mapping[str, torch.Tensor]
     ) -> None:
@@ -348,7 +348,9 @@ class AutoencoderKL(KLAutoencoder, pl.LightningModule):
             for k, v in network.items()
             if k in own and v.shape != own[k].shape
         ]
-        if wrong or weights.network.embed_dim != self.network.embed_dim:
+        # FLUX.2's latent BatchNorm (bn.*) in one and not the other would be dropped or left at 0/1 silently.
+        norm_differs = (weights.network.latent_batch_norm is None) != (self.network.latent_batch_norm is None)
+        if wrong or norm_differs or weights.network.embed_dim != self.network.embed_dim:
             try:
                 actual: Any = network_from_state_dict(weights.state_dict).ddconfig()  # what the shapes say
             except ValueError as e:
@@ -366,9 +368,7 @@ class AutoencoderKL(KLAutoencoder, pl.LightningModule):
         if not self.train_decoder_only:
             modules = [self.encoder, self.quant_conv, *modules]
         params = [p for m in modules for p in m.parameters()]
-        if self.loss.learn_logvar:
-            params.append(self.loss.logvar)
-        return params
+        return params + self.loss.autoencoder_parameters()  # learned logvar, a VF projection, ...
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         lr = self.learning_rate
@@ -399,12 +399,39 @@ class AutoencoderKL(KLAutoencoder, pl.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.apply_lr_schedule()  # ThroughputMonitor logs the result as lr/ae and lr/disc
 
+    def compile_regions(self) -> dict[str, torch.nn.Module]:
+        """The modules ``optimizations.compile`` compiles, by name: encoder, decoder and the objective's
+        networks (``lpips``, ``discriminator``, a loss term's backbone such as ``vf_backbone``)."""
+        return {"encoder": self.encoder, "decoder": self.decoder, **self.loss.compile_regions()}
+
+    def _check_region_names(self) -> None:
+        regions = self.compile_regions()
+        for field_name in ("compile_regions", "channels_last"):
+            unknown = [n for n in getattr(self.optimizations, field_name) or () if n not in regions]
+            if unknown:
+                raise ConfigError(
+                    f"model.params.optimizations.{field_name}: unknown region(s) {unknown}; this model has "
+                    f"{sorted(regions)}"
+                )
+
+    def apply_optimizations(self, device: torch.device) -> AppliedOptimizations:
+        """Compile regions, convert memory formats, set cudnn.benchmark for ``device`` (once per model)."""
+        if self.applied_optimizations is None:
+            self.applied_optimizations = apply_runtime_optimizations(
+                self.compile_regions(), self.optimizations, device
+            )
+            log.info(
+                "optimizations applied on %s: %s", device, self.applied_optimizations.descriptions or "none"
+            )
+        return self.applied_optimizations
+
+    def graph_counts(self) -> dict[str, int]:
+        """Graphs compiled so far per compiled region (what a run must keep small; empty when not compiled)."""
+        return {} if self.applied_optimizations is None else self.applied_optimizations.graph_counts()
+
     def on_fit_start(self) -> None:
         # Here, not in __init__: compile/cudnn choices depend on the device the Trainer picked.
-        if not self._runtime_optimized:
-            applied = apply_runtime_optimizations(self, self.optimizations, self.device)
-            self._runtime_optimized = True
-            log.info("optimizations applied on %s: %s", self.device, applied or "none")
+        self.apply_optimizations(self.device)
 
     def _phase(self, iteration: int) -> tuple[bool, bool]:
         """(update autoencoder, update discriminator) for this iteration."""
@@ -415,15 +442,20 @@ class AutoencoderKL(KLAutoencoder, pl.LightningModule):
             return True, True
         return iteration % 2 == 0, iteration % 2 == 1
 
+    @property
+    def at_round_boundary(self) -> bool:
+        """No accumulation round is under way: every batch seen so far has been stepped (a safe point to save)."""
+        return self._micro_step % self.accumulate_grad_batches == 0
+
     def _backward_and_step(self, optimizer: Any, loss: torch.Tensor, step: bool) -> None:
-        finite = torch.isfinite(loss.detach())
-        self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
         self.manual_backward(loss / self.accumulate_grad_batches)
+        # A non-finite loss marks this optimizer's own gradients (not the other optimizer's), so the skip
+        # decision travels with them through the all-reduce and the accumulation round.
+        self.nonfinite.poison_if_nonfinite(loss, optimizer.param_groups[0]["params"])
         if step:
             optimizer.step()  # clipping and the non-finite guard: on_before_optimizer_step
             vars(getattr(optimizer, "optimizer", optimizer)).pop("found_inf", None)
             optimizer.zero_grad(set_to_none=True)
-            self._loss_finite = None
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Unscale (16-mixed), then clip and guard the gradients of the optimizer about to step.
@@ -432,14 +464,15 @@ class AutoencoderKL(KLAutoencoder, pl.LightningModule):
         optimizers that do it themselves (fused Adam), so those are unscaled here: clipping must see the
         true gradients (a threshold divided by the loss scale otherwise).
 
-        Non-finite guard: a non-finite loss (any micro-batch) or gradient norm skips the update. With
-        fused Adam the decision stays on the device (``found_inf``, the flag GradScaler uses: the fused
-        kernel skips the update and the step count): no host sync. Other optimizers need it on the host
-        (``.item()`` once per update; free on CPU), and their gradients are dropped so Adam skips every
-        parameter. The streak is checked on the host every ``max_nonfinite_in_a_row`` iterations
-        (training_step).
+        Non-finite guard (:mod:`klvae.models.nonfinite`): a non-finite gradient norm skips the update; a
+        non-finite loss in any micro-batch has already made a gradient NaN (``_backward_and_step``), and the
+        gradients are all-reduced before this hook, so every rank decides alike. With fused Adam the
+        decision stays on the device (``found_inf``, the flag GradScaler uses: the fused kernel skips the
+        update and the step count): no host sync. Other optimizers need it on the host (``.item()`` once
+        per update; free on CPU), and their gradients are dropped so Adam skips every parameter. The
+        streaks are checked on the host every ``max_nonfinite_in_a_row`` iterations (training_step).
         """
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        scaler = self._grad_scaler()
         if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
             scaler.unscale_(optimizer)
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -448,49 +481,52 @@ class AutoencoderKL(KLAutoencoder, pl.LightningModule):
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])  # fp32 device scalar
         if self.gradient_clip_val is not None:
             torch.nn.utils.clip_grads_with_norm_(params, self.gradient_clip_val, norm)
-        bad = ~torch.isfinite(norm)
-        if self._loss_finite is not None:
-            bad = bad | ~self._loss_finite.to(bad.device)
+        index = next(i for i, o in enumerate(self.trainer.optimizers) if o is optimizer)
+        bad = self.nonfinite.judge(index, norm)
         if optimizer.defaults.get("fused"):
-            optimizer.found_inf = bad.float()  # read by Adam.step (GradScaler, if any, sets its own)
+            # Read by Adam.step. GradScaler (16-mixed) replaces it with its own check of the same
+            # gradients, which holds the same NaN, so both skip the same updates.
+            optimizer.found_inf = bad.float()
         elif bad.item():
             for p in params:
                 p.grad = None
-        streak = (self._nonfinite_streak + 1) * bad
-        self._nonfinite_streak.copy_(streak)
-        self._nonfinite_worst.copy_(torch.maximum(self._nonfinite_worst, streak))
-        self._nonfinite_skipped.add_(bad.long())
 
-    def _check_nonfinite_streak(self) -> None:
-        """Raise once ``max_nonfinite_in_a_row`` updates in a row were skipped (one host sync per call)."""
-        worst = int(self._nonfinite_worst)
-        if worst >= self.max_nonfinite_in_a_row:
-            raise NonFiniteTrainingError(
-                f"{worst} updates in a row had a non-finite loss or gradient (last checked at iteration "
-                f"{self._iteration}; {int(self._nonfinite_skipped)} skipped in total): training has "
-                "diverged. Lower model.params.learning_rate (or base_learning_rate), set "
-                "model.params.gradient_clip_val, use bf16-mixed instead of 16-mixed, or resume from an "
-                "earlier checkpoint."
-            )
+    def _reconstruct(self, x: torch.Tensor, branch: Branch, for_generator: bool) -> _Forward:
+        """D(τ(z)), z ~ q(z|x); τ is the identity outside EQ-VAE's equivariance branch.
 
-    def _reconstruct(self, x: torch.Tensor, branch: Branch) -> tuple[torch.Tensor, Any]:
-        """D(τ(z)), z ~ q(z|x), and the posterior; τ is the identity outside EQ-VAE's equivariance branch."""
+        Both networks return their last conv's input (the adaptive weights differentiate against those
+        convs), in every training call, so a compiled region keeps one graph per grad mode. With adaptive
+        latent terms the decoder runs from a detached copy of its input (:class:`LatentCut`).
+        """
         frozen = torch.no_grad() if self.train_decoder_only else nullcontext()
         with frozen:  # a frozen encoder keeps no activations for backward
-            posterior = self.encode(x)
-        return self.decode(branch.latent(posterior.sample())), posterior
+            h, h_in = self.encoder(x, return_last_input=True)  # (B, 2·z, h, w), conv_out's input
+            posterior = DiagonalGaussianDistribution(self.quant_conv(h))
+        z = posterior.sample()
+        decoder_input = branch.latent(z)
+        cut = None
+        if for_generator and self.loss.needs_latent_cut:
+            leaf = decoder_input.detach().requires_grad_(True)
+            cut = LatentCut(decoder_input, leaf, LastLayer(self.encoder.conv_out, h_in, h))
+        recon, recon_in = self.decoder(
+            self.post_quant_conv(decoder_input if cut is None else cut.decoder_leaf), return_last_input=True
+        )
+        return _Forward(recon, posterior, z, LastLayer(self.decoder.conv_out, recon_in), cut)
 
-    def _last_layer(self) -> LastLayer:
-        saved = self._conv_out_input.take()
-        assert saved is not None, "the decoder's conv_out hook did not run"
-        return LastLayer(self.decoder.conv_out, saved)
+    def _grad_scaler(self) -> torch.amp.GradScaler | None:
+        plugin = self.trainer.precision_plugin
+        return plugin.scaler if isinstance(plugin, MixedPrecision) else None
 
-    def _grad_scale(self) -> torch.Tensor | None:
-        """The GradScaler's current scale tensor under 16-mixed (no host sync), else None."""
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        return getattr(scaler, "_scale", None) if scaler is not None else None
+    def _loss_scale(self, device: torch.device) -> torch.Tensor | None:
+        """The GradScaler's current scale as a device tensor under 16-mixed (no host sync), else None."""
+        scaler = self._grad_scaler()
+        return None if scaler is None else scaler.scale(torch.ones((), device=device))
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        # Lightning re-logs the last value of every step metric of this epoch on each later step, logged
+        # again or not: in the alternate schedule every row would carry the other update's stale losses.
+        # Dropping this hook's step results first makes a row hold exactly what this step computed.
+        self.trainer._results.reset(metrics=False, fx="training_step")
         x = self.get_input(batch)  # (B, 3, H, W)
         # EQ-VAE: the batch's branch; x becomes the encoder's input, target the image x̂ is compared with.
         branch = Branch() if self.equivariance is None else self.equivariance.draw(self._micro_step)
@@ -507,20 +543,22 @@ class AutoencoderKL(KLAutoencoder, pl.LightningModule):
             self.toggle_optimizer(
                 opt_ae
             )  # discriminator params get requires_grad=False: g_loss cannot move D
-            recon, posterior = self._reconstruct(x, branch)
+            fwd = self._reconstruct(x, branch, for_generator=True)
+            recon = fwd.reconstructions
             loss, logs_g = self.loss.generator_loss(
-                target, recon, posterior, it, self._last_layer(), "train", grad_scale=self._grad_scale()
-            )
+                target, recon, fwd.posterior, it, fwd.decoder_last_layer, "train",
+                grad_scale=self._loss_scale(x.device), latents=fwd.latents, encoder_images=x,
+                latent_cut=fwd.latent_cut,
+            )  # fmt: skip
             self._backward_and_step(opt_ae, loss, last_micro)
             self.untoggle_optimizer(opt_ae)
             logs.update(logs_g)
         if update_disc:
             if recon is None:  # alternate schedule: this batch only needs x̂ as the discriminator's input
                 with torch.no_grad():
-                    recon, _ = self._reconstruct(x, branch)
-            self._conv_out_input.take()
+                    recon = self._reconstruct(x, branch, for_generator=False).reconstructions
             self.toggle_optimizer(opt_disc)
-            d_loss, logs_d = self.loss.discriminator_loss(target, recon, it, "train")
+            d_loss, logs_d = self.loss.discriminator_loss(target, recon, it, "train", self._disc_updates)
             self._backward_and_step(opt_disc, d_loss, last_micro)
             self.untoggle_optimizer(opt_disc)
             logs.update(logs_d)
@@ -528,17 +566,35 @@ class AutoencoderKL(KLAutoencoder, pl.LightningModule):
         self._micro_step += 1
         if last_micro:
             self._iteration += 1
-            if update_ae and self.ema is not None:
-                self.ema.update(self.codec_modules())
-            if self._iteration % self.max_nonfinite_in_a_row == 0:
-                self._check_nonfinite_streak()
+            self._disc_updates += int(update_disc)
+            if update_ae and self.ema is not None:  # a skipped update leaves the average alone
+                self.ema.update(self.codec_modules(), skipped=self.nonfinite.last_bad[0])
+            if self._iteration % self.nonfinite.max_in_a_row == 0:
+                self.nonfinite.check(self._iteration)
         # Device scalars only (torch.full is a fill kernel, not a host copy); nothing here waits for the
         # device. The loss is not on the progress bar: the bar calls .item() on every step.
         logs["train/iteration"] = torch.full((), float(self._iteration), device=x.device)
-        logs["train/skipped_nonfinite"] = self._nonfinite_skipped.float()
+        logs["train/skipped_nonfinite"] = self.nonfinite.total_skipped().float()
         if self.equivariance is not None:  # 0 normal, 1 equivariance, 2 low-resolution prior preservation
             logs["train/eq_branch"] = torch.full((), float(branch.index), device=x.device)
-        self.log_dict(logs, on_step=True, on_epoch=False, logger=True, batch_size=x.shape[0])
+        self.log_dict(
+            self._with_unwritten(logs), on_step=True, on_epoch=False, logger=True, batch_size=x.shape[0]
+        )
+
+    def _with_unwritten(self, logs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This step's metrics plus the latest ones of earlier steps that no log row has held yet.
+
+        Lightning writes a row every ``log_every_n_steps`` batches. In the alternate schedule an even
+        cadence would only ever land on discriminator updates and the generator's losses would never be
+        written; so a row also holds the other update's latest losses, if no row held them yet. Each value
+        is written at most once (no stale copies: ``training_step`` drops the step results first).
+        """
+        every = self.trainer.log_every_n_steps
+        # Lightning's cadence (LoggerConnector.should_update_logs), counted in batches as _micro_step is.
+        written_now = bool(every) and self._micro_step % every == 0
+        merged = {**self._unwritten_logs, **logs}
+        self._unwritten_logs = {} if written_now else merged
+        return merged
 
     # ------------------------------------------------------------------ evaluation
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
@@ -546,12 +602,13 @@ class AutoencoderKL(KLAutoencoder, pl.LightningModule):
         with self.ema_scope():
             posterior = self.encode(x)
             recon = self.decode(posterior.mode())  # the mode: a deterministic, comparable val/rec_loss
-        _, logs_g = self.loss.generator_loss(x, recon, posterior, self._iteration, None, "val")
+        _, logs_g = self.loss.generator_loss(
+            x, recon, posterior, self._iteration, None, "val", latents=posterior.mode(), encoder_images=x
+        )
         _, logs_d = self.loss.discriminator_loss(x, recon, self._iteration, "val")
         # Familiar units, scored as klvae-eval does (8-bit reconstructions); LPIPS with the loss's VGG-LPIPS
         # when it has one (perceptual_weight > 0), on the same images.
-        lpips_model = getattr(self.loss, "perceptual_loss", None)
-        scores = reconstruction_scores(x, recon, lpips_model)
+        scores = reconstruction_scores(x, recon, self.loss.perceptual_loss)
         metrics = {f"val/{name}": values.float().mean() for name, values in scores.items()}
         self.log_dict(
             {**logs_g, **logs_d, **metrics},
@@ -587,9 +644,18 @@ class AutoencoderKL(KLAutoencoder, pl.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["klvae"] = {"iteration": self._iteration, "micro_step": self._micro_step, "format": 1}
+        checkpoint["klvae"] = {
+            "iteration": self._iteration,
+            "micro_step": self._micro_step,
+            "disc_updates": self._disc_updates,
+            "nonfinite": self.nonfinite.counters(),  # the run's skip counts, not one launch's
+            "format": 1,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("klvae", {})
         self._iteration = int(state.get("iteration", 0))
         self._micro_step = int(state.get("micro_step", 0))
+        self._disc_updates = int(state.get("disc_updates", 0))
+        if "nonfinite" in state:
+            self.nonfinite.load_counters(state["nonfinite"])

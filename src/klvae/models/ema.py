@@ -35,8 +35,6 @@ class ModuleEMA(nn.Module):
         for name, module in modules.items():
             self.add_module(name, copy.deepcopy(module).requires_grad_(False))
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
-        # Host copy of num_updates: reading the buffer every step would wait for the device.
-        self._host_updates: int | None = None
 
     def _pairs(self, modules: Mapping[str, nn.Module]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         shadow, live = [], []
@@ -46,32 +44,43 @@ class ModuleEMA(nn.Module):
                 live.append(p)
         return shadow, live
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 (nn.Module's hook)
-        super()._load_from_state_dict(*args, **kwargs)
-        self._host_updates = None  # re-read num_updates once
-
     def decay_for_update(self, n: int) -> float:
         """Decay used by the n-th update (n = 1 for the first), LitEma's warm-up formula."""
         return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
 
     @torch.no_grad()
-    def update(self, modules: Mapping[str, nn.Module]) -> None:
-        if self._host_updates is None:
-            self._host_updates = int(self.num_updates)  # one sync after construction or a load
-        self._host_updates += 1
-        self.num_updates += 1
-        decay = self.decay_for_update(self._host_updates)
+    def update(self, modules: Mapping[str, nn.Module], skipped: torch.Tensor | None = None) -> None:
+        """Move the shadows toward the live weights, unless ``skipped`` (a 0-dim bool device tensor) is true.
+
+        The live weights did not change in a skipped update (the non-finite guard), so the average must
+        not move toward them nor count the update. Everything is computed on the device, the decay's
+        warm-up included: no host sync.
+        """
+        done = torch.ones((), dtype=torch.long, device=self.num_updates.device)
+        if skipped is not None:
+            done = done - skipped.to(done.device).long()
+        self.num_updates += done
+        n = self.num_updates.double()
+        decay = (
+            torch.clamp((1 + n) / (10 + n), max=self.decay) if self.warmup else torch.full_like(n, self.decay)
+        )
+        weight = ((1.0 - decay) * done).float()  # 0 for a skipped update: the shadow stays put
         # Frozen parameters (train_decoder_only's encoder) keep their shadow exactly as loaded: nothing
         # trains them, so the average must not drift toward anything.
         pairs = [(s, p) for s, p in zip(*self._pairs(modules), strict=True) if p.requires_grad]
         if pairs:
-            torch._foreach_lerp_([s for s, _ in pairs], [p.detach() for _, p in pairs], 1.0 - decay)
+            weights = [weight.to(s.device) for s, _ in pairs]
+            torch._foreach_lerp_([s for s, _ in pairs], [p.detach() for _, p in pairs], weights)
 
     @torch.no_grad()
     def copy_from(self, modules: Mapping[str, nn.Module]) -> None:
-        """Reset the shadows to the live weights (after a warm start)."""
+        """Reset the shadows to the live weights (after a warm start), buffers included (FLUX.2's latent
+        BatchNorm statistics: never averaged, but the EMA copy is exported and must hold the loaded ones)."""
         shadow, live = self._pairs(modules)
         torch._foreach_copy_(shadow, live)
+        for name in self.names:
+            for s, b in zip(getattr(self, name).buffers(), modules[name].buffers(), strict=True):
+                s.copy_(b)
 
     @contextmanager
     def swapped(self, modules: Mapping[str, nn.Module]) -> Iterator[None]:

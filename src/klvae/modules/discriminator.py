@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 __all__ = ["ActNorm", "NLayerDiscriminator", "init_discriminator_weights"]
@@ -11,7 +12,11 @@ __all__ = ["ActNorm", "NLayerDiscriminator", "init_discriminator_weights"]
 class ActNorm(nn.Module):
     """Per-channel affine normalisation initialised from the first training batch (Glow's ActNorm).
 
-    Unlike BatchNorm it keeps no running statistics, so it needs no care under DDP once initialised.
+    Unlike BatchNorm it keeps no running statistics, but its initialisation is data-dependent: under DDP
+    every rank would start from its own first batch and the ranks' weights would differ from then on
+    (the gradient all-reduce keeps equal weights equal, it does not make different ones equal). So the
+    statistics of the first batch are those of all ranks' first batches together (one all-reduce of the
+    per-channel sums, once per run; every rank runs its first discriminator forward in the same step).
     """
 
     def __init__(self, num_features: int) -> None:
@@ -22,9 +27,16 @@ class ActNorm(nn.Module):
 
     @torch.no_grad()
     def _initialize(self, x: torch.Tensor) -> None:
-        flat = x.transpose(0, 1).reshape(x.shape[1], -1).float()  # (C, B·H·W)
-        self.loc.copy_(-flat.mean(dim=1).view_as(self.loc))
-        self.scale.copy_((1.0 / (flat.std(dim=1) + 1e-6)).view_as(self.scale))
+        flat = x.transpose(0, 1).reshape(x.shape[1], -1).double()  # (C, B·H·W)
+        # Per-channel count, sum and sum of squares, summed over ranks when there are several.
+        moments = torch.stack([torch.full_like(flat[:, 0], flat.shape[1]), flat.sum(1), (flat**2).sum(1)])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(moments)
+        n, total, total_sq = moments
+        mean = total / n
+        std = ((total_sq - n * mean**2).clamp(min=0) / (n - 1)).sqrt()  # unbiased, as Tensor.std
+        self.loc.copy_(-mean.view_as(self.loc))
+        self.scale.copy_((1.0 / (std + 1e-6)).view_as(self.scale))
         self.initialized.fill_(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -236,7 +236,11 @@ class Encoder(nn.Module):
         self.norm_out = Normalize(block_in, norm_num_groups)
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, return_last_input: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Moments (B, 2·z_channels, H/f, W/f); with ``return_last_input`` also ``conv_out``'s input
+        (B, C, H/f, W/f), which adaptive loss weights differentiate against (:mod:`klvae.modules.adaptive`)."""
         ckpt = self.gradient_checkpointing
         h = self.conv_in(x)  # (B, ch, H, W)
         for i_level, level in enumerate(self.down):
@@ -247,7 +251,9 @@ class Encoder(nn.Module):
             if i_level != self.num_resolutions - 1:
                 h = level.downsample(h)
         h = _run(self.mid, h, ckpt)  # (B, ch·ch_mult[-1], H/f, W/f)
-        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 2·z_channels, H/f, W/f)
+        last_input = F.silu(self.norm_out(h))
+        out = self.conv_out(last_input)  # (B, 2·z_channels, H/f, W/f)
+        return (out, last_input) if return_last_input else out
 
 
 class Decoder(nn.Module):
@@ -307,7 +313,11 @@ class Decoder(nn.Module):
         self.norm_out = Normalize(block_in, norm_num_groups)
         self.conv_out = nn.Conv2d(block_in, out_ch, 3, padding=1)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, z: torch.Tensor, return_last_input: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Image (B, out_ch, h·f, w·f); with ``return_last_input`` also ``conv_out``'s input (B, C, h·f, w·f),
+        for the adaptive GAN weight (:mod:`klvae.modules.adaptive`): no forward hook, works compiled."""
         ckpt = self.gradient_checkpointing
         h = self.conv_in(z)  # (B, ch·ch_mult[-1], h, w)
         h = _run(self.mid, h, ckpt)
@@ -319,4 +329,6 @@ class Decoder(nn.Module):
                     h = level.attn[i_block](h)
             if i_level != 0:
                 h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))  # (B, out_ch, h·f, w·f)
+        last_input = F.silu(self.norm_out(h))
+        out = self.conv_out(last_input)  # (B, out_ch, h·f, w·f)
+        return (out, last_input) if return_last_input else out

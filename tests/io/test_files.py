@@ -1,11 +1,11 @@
-"""The one safe reader and atomic writer of weight files (klvae.interop.files)."""
+"""The one safe reader and atomic writer of weight files (klvae.io.files)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from klvae.interop.files import (
+from klvae.io.files import (
     load_torch_file,
     read_tensor_file,
     save_safetensors,

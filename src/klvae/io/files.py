@@ -144,7 +144,7 @@ def write_atomically(
 
     A reader (or a crash) sees the old file or the complete new one, never a partial write; a failed write
     removes its temporary file and leaves the old one untouched. Temporary files are named ``.<name>.*.tmp``
-    (what :func:`klvae.callbacks.checkpointing.remove_stale_temp_files` cleans up after a SIGKILL) and get
+    (what :func:`klvae.io.checkpoints.remove_stale_temp_files` cleans up after a SIGKILL) and get
     the mode the umask gives a new file (not mkstemp's 0600: exports are shared on clusters).
 
     Args:

@@ -1,4 +1,4 @@
-"""Measurement utilities shared by ``benchmarks/train_step.py`` and ``benchmarks/codec.py``.
+"""Measurement utilities shared by the benchmark scripts (``train_step.py``, ``codec.py``).
 
 Timing brackets only device work (``synchronize`` on both ends); peak memory is CUDA's
 ``max_memory_allocated`` on GPU and the process's peak RSS on CPU (a coarse upper bound, labelled so, and
@@ -23,14 +23,10 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = [
     "BackendFlags",
-    "FlopCounterCallback",
-    "StepTimer",
     "autocast_context",
     "device_info",
     "emit",
@@ -103,6 +99,7 @@ def device_info(device: torch.device) -> dict[str, Any]:
         "device": str(device),
         "device_name": name,
         "torch": torch.__version__,
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
         "threads": torch.get_num_threads(),
     }
 
@@ -144,54 +141,6 @@ def time_calls(
     return times
 
 
-class StepTimer(pl.Callback):
-    """Device time of every training batch (data loading excluded): ``warmup_times`` for the first
-    ``warmup`` batches (compilation, autotuning), ``times`` after them; the peak memory of the warm-up
-    (``warmup_peak_gib``) is recorded and the peak counter reset before the first timed batch, so
-    :func:`peak_memory_gib` afterwards is the steady-state peak."""
-
-    def __init__(self, warmup: int) -> None:
-        self.warmup, self.times, self.warmup_times, self._t0 = warmup, [], [], 0.0
-        self.warmup_peak_gib: float | None = None
-
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        synchronize(pl_module.device)
-        if batch_idx == self.warmup:
-            self.warmup_peak_gib = peak_memory_gib(pl_module.device)[0]
-            reset_peak_memory(pl_module.device)
-        self._t0 = time.perf_counter()
-
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        synchronize(pl_module.device)
-        (self.times if batch_idx >= self.warmup else self.warmup_times).append(time.perf_counter() - self._t0)
-
-
-class FlopCounterCallback(pl.Callback):
-    """FLOPs of each training batch (run on an eager model: compiled kernels bypass the counter)."""
-
-    def __init__(self) -> None:
-        self.flops: list[int] = []
-        self._mode: FlopCounterMode | None = None
-
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        self._mode = FlopCounterMode(display=False)
-        self._mode.__enter__()
-
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        assert self._mode is not None
-        self._mode.__exit__(None, None, None)
-        self.flops.append(int(self._mode.get_total_flops()))
-        self._mode = None
-
-
 def summarize(
     times: list[float],
     batch: int,
@@ -199,7 +148,7 @@ def summarize(
     peak_tflops: float | None,
     warmup_times: list[float] | None = None,
 ) -> dict[str, Any]:
-    """img/s, ms/iteration (median and mean), achieved TFLOP/s and MFU from per-iteration times.
+    """img/s, ms/iteration (mean, median, min, max), achieved TFLOP/s and MFU from per-iteration times.
 
     With ``warmup_times``: ``warmup_s`` (their sum) and ``compile_s``, the warm-up's excess over as many
     steady-state iterations (torch.compile and autotuning time, an estimate).
@@ -215,6 +164,8 @@ def summarize(
         "iterations_timed": len(times),
         "ms_per_iter": round(1e3 * mean, 3),
         "ms_per_iter_median": round(1e3 * statistics.median(times), 3),
+        "ms_per_iter_min": round(1e3 * min(times), 3),
+        "ms_per_iter_max": round(1e3 * max(times), 3),
         "img_per_s": round(batch / mean, 3),
         "flops_per_iter": flops_per_iter,
         "gflops_per_img": round(flops_per_iter / batch / 1e9, 2) if flops_per_iter else None,
