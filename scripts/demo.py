@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from klvae.errors import ConfigError, DataError, run_tool
+
 REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("klvae.demo")
 
@@ -41,8 +43,8 @@ def make_shards(out: Path, holdout_seed: int) -> dict:
     photos = skimage_photo_paths()
     held_out = [p.stem for p in photos if is_validation(p.name, VAL_FRACTION, holdout_seed)]
     if not held_out or len(held_out) == len(photos):
-        raise SystemExit(f"demo: --holdout-seed {holdout_seed} holds out {len(held_out)} of {len(photos)} photos; "
-                         "choose another")  # fmt: skip
+        raise ConfigError(f"--holdout-seed {holdout_seed} holds out {len(held_out)} of {len(photos)} photos; "
+                          "choose another")  # fmt: skip
     summary = write_shards(
         [str(p) for p in photos], out, samples_per_shard=4, resize=160, val_fraction=VAL_FRACTION,
         seed=holdout_seed, progress=False,
@@ -57,7 +59,7 @@ def make_shards(out: Path, holdout_seed: int) -> dict:
 def read_split(out: Path) -> dict:
     """The split a previous demo trained with (``make_shards``' record)."""
     if not (out / "held_out.json").is_file():
-        raise SystemExit(f"demo: no trained demo under {out.parent}; run `python scripts/demo.py` first")
+        raise ConfigError(f"no trained demo under {out.parent}; run `python scripts/demo.py` first")
     return json.loads((out / "held_out.json").read_text())
 
 
@@ -68,7 +70,7 @@ def latest_run(logdir: Path) -> Path:
         else []
     )
     if not runs:
-        raise SystemExit(f"demo: no trained demo under {logdir}; run `python scripts/demo.py` first")
+        raise ConfigError(f"no trained demo under {logdir}; run `python scripts/demo.py` first")
     return runs[-1]
 
 
@@ -137,7 +139,7 @@ def score(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, list[str
             }
         rows.append(torch.stack([x, recon.clamp(-1, 1), baseline], dim=1).flatten(0, 1))
     if not per_photo:
-        raise SystemExit("demo: no photo could be scored")
+        raise DataError("no photo could be read and scored")
     picture = make_grid(torch.cat(rows), nrow=3)
     Image.fromarray(picture).resize((picture.shape[1] * 2, picture.shape[0] * 2), Image.NEAREST).save(grid)
     mean = {
@@ -224,6 +226,17 @@ def main() -> int:
     for folder in args.eval_images:
         if not Path(folder).expanduser().is_dir():
             parser.error(f"--eval-images {folder!r}: no such folder")
+    code = 0
+
+    def body() -> None:
+        nonlocal code
+        code = demo(args)
+
+    return run_tool("demo.py", body, traceback=False) or code
+
+
+def demo(args: argparse.Namespace) -> int:
+    """Shards, training (unless ``--eval-only``), then the scores; returns the training's exit status."""
     start = time.time()
     work = Path(args.workdir).resolve()
     if args.eval_only:

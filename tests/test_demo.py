@@ -47,3 +47,17 @@ def test_demo_trains_and_reports_psnr(tmp_path):
     found = re.search(SCORE.format(re.escape(f"photos in {tmp_path / 'my photos'}")), out)
     assert found and found.group(6) == "3", out[-2000:]
     assert list(run.glob("reconstructions_0_my photos.png"))
+
+
+def test_demo_user_errors_are_one_error_line(tmp_path):
+    demo = [sys.executable, str(REPO / "scripts" / "demo.py"), "--workdir", str(tmp_path)]
+    env = subprocess_env(tmp_path)
+    cases = {
+        "--eval-only": f"demo.py: error: no trained demo under {tmp_path}; run `python scripts/demo.py` first",
+        "--eval-size=50": "demo.py: error: --eval-size 50: must be a positive multiple of 8 (the VAE's downsampling)",
+    }
+    for flag, line in cases.items():
+        result = subprocess.run([*demo, flag], env=env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert result.stderr.strip().splitlines()[-1] == line
+    assert not (tmp_path / "shards").exists()  # nothing was written or trained

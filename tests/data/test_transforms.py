@@ -62,19 +62,6 @@ def test_random_flip_flips_about_half_the_time_and_only_when_enabled() -> None:
     assert no_flip_in_val(data, rng)[:, :8].mean() < 128
 
 
-def test_random_channel_permutation_draws_all_six_orders_in_training_only() -> None:
-    pixel = np.array([10, 120, 240], np.uint8)  # distinct R, G, B: the output's channels show their order
-    data = encode(np.broadcast_to(pixel, (16, 16, 3)).copy(), "PNG")
-    permuted = ImageTransform(size=16, train=True, random_channel_permutation=True)
-    orders = [tuple(permuted(data, random.Random(seed))[0, 0]) for seed in range(60)]
-    assert {tuple(sorted(o)) for o in orders} == {(10, 120, 240)}  # a permutation: no value is changed
-    assert len(set(orders)) == 6
-    assert orders == [tuple(permuted(data, random.Random(seed))[0, 0]) for seed in range(60)]  # seeded
-    for transform in (ImageTransform(size=16, train=True),  # off by default
-                      ImageTransform(size=16, train=False, random_channel_permutation=True)):  # fmt: skip
-        assert tuple(transform(data, random.Random(0))[0, 0]) == (10, 120, 240)
-
-
 def test_greyscale_and_rgba_become_rgb() -> None:
     grey = encode(np.full((20, 20), 100, np.uint8), "PNG")
     assert ImageTransform(size=16, train=False)(grey, random.Random(0)).shape == (16, 16, 3)

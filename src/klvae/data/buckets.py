@@ -117,25 +117,17 @@ class BucketTransform:
 
     Pipeline: read the header -> nearest bucket (H, W) -> decode (JPEG: DCT-domain downscale while the
     image still covers the frame) -> RGB -> resize, aspect ratio kept, to the smallest frame covering
-    H × W -> random (train) or centred crop of H × W -> optional horizontal flip and colour-channel
-    permutation (train only).
+    H × W -> random (train) or centred crop of H × W -> optional horizontal flip (train only).
 
     Args:
         buckets: the bucket shapes ((height, width), ...), e.g. ``BucketConfig().shapes(1024)``.
         min_size: images whose original shorter side is below this raise ``ImageTooSmallError``.
         random_flip: horizontal flip with probability 0.5 (train only).
-        train: random crop and augmentations if True; centred crop otherwise (deterministic).
-        random_channel_permutation: R, G, B in one of their 6 orders, uniformly (train only; see
-            :class:`klvae.data.transforms.ImageTransform`).
+        train: random crop and flip if True; centred crop otherwise (deterministic).
     """
 
     def __init__(
-        self,
-        buckets: Sequence[Shape],
-        min_size: int = 0,
-        random_flip: bool = False,
-        train: bool = True,
-        random_channel_permutation: bool = False,
+        self, buckets: Sequence[Shape], min_size: int = 0, random_flip: bool = False, train: bool = True
     ) -> None:
         if not buckets:
             raise ConfigError("buckets: no bucket shape fits (check buckets.step and max_aspect)")
@@ -144,7 +136,6 @@ class BucketTransform:
         self.buckets = tuple((int(h), int(w)) for h, w in buckets)
         self.min_size = min_size
         self.random_flip = random_flip
-        self.random_channel_permutation = random_channel_permutation
         self.train = train
 
     @property
@@ -174,9 +165,7 @@ class BucketTransform:
         width, height = img.size
         scale = max(crop_w / width, crop_h / height)
         frame = (max(crop_w, round(width * scale)), max(crop_h, round(height * scale)))
-        return crop_from_frame(
-            img, frame, (crop_w, crop_h), rng, self.train, self.random_flip, self.random_channel_permutation
-        )
+        return crop_from_frame(img, frame, (crop_w, crop_h), rng, self.train, self.random_flip)
 
 
 def build_transform(
@@ -186,7 +175,6 @@ def build_transform(
     min_size: int,
     random_flip: bool,
     train: bool,
-    random_channel_permutation: bool = False,
 ) -> ImageTransform | BucketTransform:
     """The transform for one resolution: square crops (``ImageTransform``) or the buckets around ``size²``.
 
@@ -194,10 +182,10 @@ def build_transform(
         ConfigError: ``resize_to`` with buckets (a bucketed image is resized to just cover its bucket).
     """
     if buckets is None:
-        return ImageTransform(size, resize_to, min_size, random_flip, train, random_channel_permutation)
+        return ImageTransform(size, resize_to, min_size, random_flip, train=train)
     if resize_to is not None:
         raise ConfigError(
             f"resize_to ({resize_to}) cannot be combined with buckets: a bucketed image is resized to just "
             "cover its bucket; set resize_to to null"
         )
-    return BucketTransform(buckets.shapes(size), min_size, random_flip, train, random_channel_permutation)
+    return BucketTransform(buckets.shapes(size), min_size, random_flip, train=train)

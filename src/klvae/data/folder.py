@@ -152,8 +152,6 @@ class ImageFolderDataModule(pl.LightningDataModule):
         resize_to: Shorter side before cropping; None resizes to ``size``.
         min_size: Skip (count, replace) images whose shorter side is below this.
         random_flip: Random horizontal flips in training.
-        random_channel_permutation: Random order of the R, G, B channels in training (colour augmentation
-            for small or colour-poor training sets; see :class:`klvae.data.transforms.ImageTransform`).
         batch_size: Per-GPU batch size.
         num_workers: Loader worker processes.
         seed: Seed mixed into the per-sample crop generator.
@@ -172,7 +170,6 @@ class ImageFolderDataModule(pl.LightningDataModule):
         resize_to: int | None = None,
         min_size: int = 0,
         random_flip: bool = False,
-        random_channel_permutation: bool = False,
         batch_size: int = 12,
         num_workers: int = 0,
         seed: int = 0,
@@ -197,9 +194,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
                 "(every batch is full and one bucket); remove drop_last"
             )
         self.train_transforms = [
-            build_transform(
-                p.size, p.resize_to, self.buckets, min_size, random_flip, True, random_channel_permutation
-            )
+            build_transform(p.size, p.resize_to, self.buckets, min_size, random_flip, train=True)
             for p in self.phases
         ]
         self.train_transform = self.train_transforms[0]

@@ -66,17 +66,14 @@ class ImageTransform:
 
     Pipeline: decode (JPEG: DCT-domain downscale to >= the target) -> RGB -> resize so the shorter side is
     ``resize_to`` (or ``size``) -> random crop (train) or center crop (validation) of ``size``² ->
-    optional horizontal flip and colour-channel permutation (train only).
+    optional horizontal flip (train only).
 
     Args:
         size: Output side length (the crop), e.g. 256.
         resize_to: Shorter side before cropping, e.g. 384 for LDM's OpenImages recipe; None means ``size``.
         min_size: Images whose *original* shorter side is below this raise ``ImageTooSmallError``.
         random_flip: Horizontal flip with probability 0.5 (train only).
-        train: Random crop and augmentations if True; center crop and none otherwise (deterministic).
-        random_channel_permutation: Put the R, G, B channels in one of their 6 orders, uniformly (train
-            only; torchvision's ``RandomChannelPermutation``): a colour augmentation for small or
-            colour-poor training sets, so that hues the photos lack are still reconstructed.
+        train: Random crop and flip if True; center crop and no flip otherwise (deterministic).
     """
 
     def __init__(
@@ -86,7 +83,6 @@ class ImageTransform:
         min_size: int = 0,
         random_flip: bool = False,
         train: bool = True,
-        random_channel_permutation: bool = False,
     ) -> None:
         if not isinstance(size, int) or size <= 0:
             raise ConfigError(f"size must be a positive int, got {size!r}")
@@ -98,7 +94,6 @@ class ImageTransform:
         self.resize_to = resize_to if resize_to is not None else size
         self.min_size = min_size
         self.random_flip = random_flip
-        self.random_channel_permutation = random_channel_permutation
         self.train = train
 
     @property
@@ -132,10 +127,7 @@ class ImageTransform:
         # Resized frame: the shorter side is exactly resize_to.
         new_w = self.resize_to if width <= height else max(self.resize_to, round(width * scale))
         new_h = self.resize_to if height < width else max(self.resize_to, round(height * scale))
-        crop = (self.size, self.size)
-        return crop_from_frame(
-            img, (new_w, new_h), crop, rng, self.train, self.random_flip, self.random_channel_permutation
-        )
+        return crop_from_frame(img, (new_w, new_h), (self.size, self.size), rng, self.train, self.random_flip)
 
 
 def open_image(data: bytes, min_size: int = 0) -> Image.Image:
@@ -154,10 +146,8 @@ def crop_from_frame(
     rng: random.Random,
     train: bool,
     random_flip: bool,
-    random_channel_permutation: bool = False,
 ) -> np.ndarray:
-    """Crop ``crop`` = (width, height) out of ``img`` resized to ``frame`` = (width, height), then flip
-    and permute the colour channels (training only, each if asked).
+    """Crop ``crop`` = (width, height) out of ``img`` resized to ``frame`` = (width, height), then flip.
 
     The frame keeps the image's aspect ratio (the callers compute it), so nothing is stretched; the crop
     is random in training and centred otherwise. Only the crop window is resampled.
@@ -183,8 +173,6 @@ def crop_from_frame(
         arr = np.asarray(out, dtype=np.uint8)  # (crop_h, crop_w, 3)
     if train and random_flip and rng.random() < 0.5:
         arr = arr[:, ::-1]
-    if train and random_channel_permutation:
-        arr = arr[:, :, rng.sample(range(3), 3)]  # (crop_h, crop_w, 3): a copy in the drawn channel order
     return arr
 
 

@@ -71,8 +71,6 @@ class WebDataModule(pl.LightningDataModule):
             (:class:`klvae.data.phases.PhaseSchedule`). None: ``size`` and ``batch_size`` for the whole run.
         min_size: Skip (and count) images whose shorter side is below this.
         random_flip: Random horizontal flips in training.
-        random_channel_permutation: Random order of the R, G, B channels in training (colour augmentation
-            for small or colour-poor training sets; see :class:`klvae.data.transforms.ImageTransform`).
         batch_size: Per-GPU batch size.
         val_batch_size: Validation batch size; None uses ``batch_size``.
         num_workers: Loader worker processes per GPU.
@@ -92,7 +90,6 @@ class WebDataModule(pl.LightningDataModule):
         resize_to: int | None = None,
         min_size: int = 0,
         random_flip: bool = False,
-        random_channel_permutation: bool = False,
         batch_size: int = 12,
         val_batch_size: int | None = None,
         num_workers: int = 8,
@@ -125,9 +122,7 @@ class WebDataModule(pl.LightningDataModule):
         self.buckets = BucketConfig.from_config(buckets)
         self.phases = PhaseSchedule.from_config(phases, size, batch_size, resize_to)
         self.train_transforms = [
-            build_transform(
-                p.size, p.resize_to, self.buckets, min_size, random_flip, True, random_channel_permutation
-            )
+            build_transform(p.size, p.resize_to, self.buckets, min_size, random_flip, train=True)
             for p in self.phases
         ]
         self.val_transform = build_transform(size, resize_to, self.buckets, min_size, False, train=False)
