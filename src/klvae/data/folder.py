@@ -32,7 +32,7 @@ from klvae.data.folder_batches import (
     validation_keys,
 )
 from klvae.data.phases import PhaseSchedule
-from klvae.data.resume import EpochStart, ResumableLoader, ResumableSampler
+from klvae.data.resume import ResumableLoader, map_style_loader
 from klvae.data.sharding import distributed_info
 from klvae.data.stats import SKIP_KINDS, SKIPPED_KEY, SkipCounter
 from klvae.data.transforms import IMAGE_EXTENSIONS, ImageTooSmallError, ImageTransform, to_model_batch
@@ -278,26 +278,18 @@ class ImageFolderDataModule(pl.LightningDataModule):
         )
 
     def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool) -> DataLoader:
-        trainer = getattr(self, "trainer", None)
-        rank, world_size = distributed_info(trainer)
-        sampler = ResumableSampler(dataset, rank, world_size, shuffle, self.seed, drop_last)
-
-        def on_iter(start: EpochStart) -> None:
-            sampler.set_epoch(start.epoch)
-            sampler.skip = start.skip * self.batch_size
-
-        return ResumableLoader(
+        rank, world_size = distributed_info(getattr(self, "trainer", None))
+        return map_style_loader(
             dataset,
             lambda: getattr(self, "trainer", None),
-            on_iter,
-            batch_size=self.batch_size,
-            sampler=sampler,
+            rank=rank,
+            world_size=world_size,
+            shuffle=shuffle,
             drop_last=drop_last,
+            seed=self.seed,
+            batch_size=self.batch_size,
             num_workers=self.num_workers,
             collate_fn=_Collate(self.image_key),
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-            worker_init_fn=ignore_stop_signals,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -29,9 +29,8 @@ from klvae.data.latent_format import (
     LatentIndex,
     unpack_array,
 )
-from klvae.data.resume import EpochStart, ResumableLoader, ResumableSampler
+from klvae.data.resume import map_style_loader
 from klvae.data.sharding import distributed_info
-from klvae.data.workers import ignore_stop_signals
 from klvae.errors import ConfigError, DataError
 
 __all__ = [
@@ -233,23 +232,16 @@ class LatentShardDataModule(pl.LightningDataModule):
         self, dataset: Dataset, shuffle: bool, drop_last: bool, rank: int, world_size: int
     ) -> DataLoader:
         """A resumable loader over ``dataset`` (``ResumableSampler``; the trainer, if any, saves its place)."""
-        sampler = ResumableSampler(dataset, rank, world_size, shuffle, self.seed, drop_last)
-
-        def on_iter(start: EpochStart) -> None:
-            sampler.set_epoch(start.epoch)
-            sampler.skip = start.skip * self.batch_size
-
-        return ResumableLoader(
+        return map_style_loader(
             dataset,
             lambda: getattr(self, "trainer", None),
-            on_iter,
-            batch_size=self.batch_size,
-            sampler=sampler,
+            rank=rank,
+            world_size=world_size,
+            shuffle=shuffle,
             drop_last=drop_last,
+            seed=self.seed,
+            batch_size=self.batch_size,
             num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-            worker_init_fn=ignore_stop_signals,
         )
 
     def train_dataloader(self) -> DataLoader:

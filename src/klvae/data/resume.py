@@ -23,9 +23,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-__all__ = ["EpochStart", "ResumableLoader", "ResumableSampler", "trained_batches"]
+from klvae.data.workers import ignore_stop_signals
+
+__all__ = ["EpochStart", "ResumableLoader", "ResumableSampler", "map_style_loader", "trained_batches"]
 
 
 def trained_batches(trainer: Any) -> tuple[int, int]:
@@ -144,3 +147,40 @@ class ResumableLoader(DataLoader):
             start = EpochStart(epoch, skip, _run_batches(trainer) - skip, _batches_per_iteration(trainer))
         self._on_iter(start)
         return super().__iter__()
+
+
+def map_style_loader(
+    dataset: Dataset,
+    trainer_fn: Callable[[], Any],
+    *,
+    rank: int,
+    world_size: int,
+    shuffle: bool,
+    drop_last: bool,
+    seed: int,
+    batch_size: int,
+    num_workers: int,
+    collate_fn: Callable[[list], Any] | None = None,
+) -> ResumableLoader:
+    """A resumable loader over a map-style dataset (image folders, latent shards): ``ResumableSampler``'s
+    per-rank order, which a resumed epoch starts ``skip`` batches in; workers ignore stop signals (the main
+    process handles them)."""
+    sampler = ResumableSampler(dataset, rank, world_size, shuffle, seed, drop_last)
+
+    def on_iter(start: EpochStart) -> None:
+        sampler.set_epoch(start.epoch)
+        sampler.skip = start.skip * batch_size
+
+    return ResumableLoader(
+        dataset,
+        trainer_fn,
+        on_iter,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=drop_last,
+        num_workers=num_workers,
+        collate_fn=collate_fn,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+        worker_init_fn=ignore_stop_signals,
+    )
